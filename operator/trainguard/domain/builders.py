@@ -1,0 +1,214 @@
+"""Plain-dict builders for everything the operator creates for a run (tested by whole-dict equality).
+
+Every child has a deterministic name and an ownerReference to its run, so creating it is
+idempotent and deleting the run removes it through the garbage collector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any
+
+from trainguard.domain.policy import effective_device, effective_gpus
+from trainguard.domain.spec import Hyperparameters, RunSpec
+
+API_VERSION = 'trainguard.io/v1alpha1'
+KIND = 'TrainingRun'
+RUN_LABEL = 'trainguard.io/run'
+ATTEMPT_LABEL = 'trainguard.io/attempt'
+MANAGED_BY = 'trainguard'
+TRAINER_UID = 10001
+PREFETCH_FACTOR = 2       # torch DataLoader's default prefetch_factor
+SHM_HEADROOM = 2          # room for pinned buffers and the collate copy
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRef:
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PodSettings:
+    """Operator configuration that shapes every pod."""
+
+    image: str
+    heartbeat_seconds: int = 10
+    image_pull_policy: str = 'IfNotPresent'
+    extra_env: tuple[tuple[str, str], ...] = ()
+
+
+def label_value(text: str) -> str:
+    """Label values are at most 63 characters; long run names keep a readable prefix and a hash."""
+    if len(text) <= 63:
+        return text
+    return f'{text[:54]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}'
+
+
+def pod_name(run_name: str, attempt: int) -> str:
+    suffix = f'-{attempt}'
+    base = run_name if len(run_name) + len(suffix) <= 253 else run_name[: 253 - len(suffix)]
+    return base + suffix
+
+
+def trainer_account_name(run_name: str) -> str:
+    name = f'{run_name}-trainer'
+    return name if len(name) <= 253 else f'{run_name[:235]}-{hashlib.sha256(run_name.encode()).hexdigest()[:8]}-t'
+
+
+def owner_reference(run: RunRef) -> dict[str, Any]:
+    return {'apiVersion': API_VERSION, 'kind': KIND, 'name': run.name, 'uid': run.uid,
+            'controller': True, 'blockOwnerDeletion': True}
+
+
+def labels(run: RunRef, component: str) -> dict[str, str]:
+    return {
+        'app.kubernetes.io/name': 'trainguard-trainer',
+        'app.kubernetes.io/instance': label_value(run.name),
+        'app.kubernetes.io/component': component,
+        'app.kubernetes.io/part-of': 'trainguard',
+        'app.kubernetes.io/managed-by': MANAGED_BY,
+        RUN_LABEL: label_value(run.name),
+    }
+
+
+def _metadata(run: RunRef, name: str, component: str) -> dict[str, Any]:
+    return {'name': name, 'namespace': run.namespace, 'labels': labels(run, component),
+            'ownerReferences': [owner_reference(run)]}
+
+
+def build_service_account(run: RunRef) -> dict[str, Any]:
+    return {'apiVersion': 'v1', 'kind': 'ServiceAccount',
+            'metadata': _metadata(run, trainer_account_name(run.name), 'trainer-identity')}
+
+
+def build_role(run: RunRef) -> dict[str, Any]:
+    """Exactly what the heartbeat needs: get and patch on this one TrainingRun."""
+    return {
+        'apiVersion': 'rbac.authorization.k8s.io/v1', 'kind': 'Role',
+        'metadata': _metadata(run, trainer_account_name(run.name), 'trainer-identity'),
+        'rules': [{'apiGroups': ['trainguard.io'], 'resources': ['trainingruns'],
+                   'resourceNames': [run.name], 'verbs': ['get', 'patch']}],
+    }
+
+
+def build_role_binding(run: RunRef) -> dict[str, Any]:
+    name = trainer_account_name(run.name)
+    return {
+        'apiVersion': 'rbac.authorization.k8s.io/v1', 'kind': 'RoleBinding',
+        'metadata': _metadata(run, name, 'trainer-identity'),
+        'roleRef': {'apiGroup': 'rbac.authorization.k8s.io', 'kind': 'Role', 'name': name},
+        'subjects': [{'kind': 'ServiceAccount', 'name': name, 'namespace': run.namespace}],
+    }
+
+
+def shm_size_mebibytes(hp: Hyperparameters) -> int:
+    """/dev/shm for DataLoader workers: each holds prefetch x batch of float32 images and labels."""
+    batch_bytes = hp.batch_size * hp.resolution * hp.resolution * 4 * 2
+    in_flight = hp.num_workers * PREFETCH_FACTOR * batch_bytes * SHM_HEADROOM
+    return max(64, math.ceil(in_flight / 2**20))
+
+
+def trainer_args(spec: RunSpec, hp: Hyperparameters, device: str) -> list[str]:
+    args = [
+        '--device', device,
+        '--batch-size', str(hp.batch_size),
+        '--num-workers', str(hp.num_workers),
+        '--epochs', str(hp.epochs),
+        '--learning-rate', repr(hp.learning_rate),
+        '--resolution', str(hp.resolution),
+        '--crop-size', str(hp.crop_size),
+        '--channels', ','.join(map(str, spec.model.channels)),
+        '--strides', ','.join(map(str, spec.model.strides)),
+        '--num-res-units', str(spec.model.num_res_units),
+        '--dataset', spec.dataset.source,
+        '--output-dir', '/output',
+    ]
+    if spec.dataset.source == 'synthetic':
+        args += ['--num-samples', str(spec.dataset.num_samples)]
+    else:
+        args += ['--data-dir', spec.dataset.path]
+    return args
+
+
+def _resources(spec: RunSpec) -> dict[str, dict[str, str]]:
+    resources = {section: dict(values) for section, values in spec.resources.items()}
+    gpus = effective_gpus(spec)
+    if gpus:
+        resources.setdefault('limits', {})['nvidia.com/gpu'] = str(gpus)
+    return resources
+
+
+def _tolerations(spec: RunSpec, device: str) -> list[dict[str, Any]]:
+    tolerations = [dict(item) for item in spec.tolerations]
+    gpu_toleration = {'key': 'nvidia.com/gpu', 'operator': 'Exists', 'effect': 'NoSchedule'}
+    if device == 'gpu' and not any(item.get('key') == 'nvidia.com/gpu' for item in tolerations):
+        tolerations.append(gpu_toleration)  # GPU nodes are commonly tainted so only GPU pods land there
+    return tolerations
+
+
+def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, settings: PodSettings,
+              simulate_hang_after_steps: int | None = None) -> dict[str, Any]:
+    device = effective_device(spec)
+    metadata = _metadata(run, pod_name(run.name, attempt), 'trainer')
+    metadata['labels'][ATTEMPT_LABEL] = str(attempt)
+    env = [
+        {'name': 'TRAINGUARD_RUN_NAME', 'value': run.name},
+        {'name': 'TRAINGUARD_RUN_NAMESPACE', 'value': run.namespace},
+        {'name': 'TRAINGUARD_ATTEMPT', 'value': str(attempt)},
+        {'name': 'TRAINGUARD_HEARTBEAT_SECONDS', 'value': str(settings.heartbeat_seconds)},
+        {'name': 'HOME', 'value': '/tmp'},
+        {'name': 'MPLCONFIGDIR', 'value': '/tmp/matplotlib'},
+    ]
+    if simulate_hang_after_steps is not None:
+        env.append({'name': 'TRAINGUARD_SIMULATE_HANG_AFTER_STEPS', 'value': str(simulate_hang_after_steps)})
+    env += [{'name': name, 'value': value} for name, value in settings.extra_env]
+    volume_mounts = [{'name': 'tmp', 'mountPath': '/tmp'}, {'name': 'output', 'mountPath': '/output'}]
+    volumes: list[dict[str, Any]] = [
+        {'name': 'tmp', 'emptyDir': {}},
+        {'name': 'output', 'persistentVolumeClaim': {'claimName': spec.output_claim}} if spec.output_claim
+        else {'name': 'output', 'emptyDir': {}},
+    ]
+    if spec.dataset.source == 'directory':
+        volume_mounts.append({'name': 'data', 'mountPath': spec.dataset.path, 'readOnly': True})
+        volumes.append({'name': 'data', 'persistentVolumeClaim': {'claimName': spec.dataset.claim_name,
+                                                                   'readOnly': True}})
+    if hp.num_workers > 0:
+        volume_mounts.append({'name': 'dshm', 'mountPath': '/dev/shm'})
+        volumes.append({'name': 'dshm', 'emptyDir': {'medium': 'Memory', 'sizeLimit': f'{shm_size_mebibytes(hp)}Mi'}})
+    container: dict[str, Any] = {
+        'name': 'trainer',
+        'image': spec.image or settings.image,
+        'imagePullPolicy': settings.image_pull_policy,
+        'args': trainer_args(spec, hp, device),
+        'env': env,
+        'resources': _resources(spec),
+        'volumeMounts': volume_mounts,
+        'securityContext': {
+            'allowPrivilegeEscalation': False,
+            'readOnlyRootFilesystem': True,
+            'runAsNonRoot': True,
+            'capabilities': {'drop': ['ALL']},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        'restartPolicy': 'Never',
+        'serviceAccountName': trainer_account_name(run.name),
+        'automountServiceAccountToken': True,
+        'terminationGracePeriodSeconds': 10,
+        'securityContext': {
+            'runAsNonRoot': True, 'runAsUser': TRAINER_UID, 'runAsGroup': TRAINER_UID, 'fsGroup': TRAINER_UID,
+            'seccompProfile': {'type': 'RuntimeDefault'},
+        },
+        'containers': [container],
+        'volumes': volumes,
+    }
+    if spec.node_selector:
+        pod_spec['nodeSelector'] = dict(spec.node_selector)
+    tolerations = _tolerations(spec, device)
+    if tolerations:
+        pod_spec['tolerations'] = tolerations
+    return {'apiVersion': 'v1', 'kind': 'Pod', 'metadata': metadata, 'spec': pod_spec}

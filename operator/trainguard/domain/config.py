@@ -1,0 +1,85 @@
+"""Operator configuration from environment variables (the Helm chart sets them).
+
+Parsing is pure (a mapping in, a Config out) so every variable and its error message is
+unit-tested; a bad value stops the operator at start-up naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from trainguard.domain.builders import PodSettings
+from trainguard.domain.policy import CpuLimits
+from trainguard.domain.reconcile import Settings
+
+DEFAULT_TRAINER_IMAGE = 'ghcr.io/trainguard/trainer:0.1.0'
+
+
+_PULL_POLICIES = {'always': 'Always', 'ifnotpresent': 'IfNotPresent', 'never': 'Never'}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    settings: Settings
+    namespaces: tuple[str, ...]        # empty: every namespace
+    webhook: bool
+    webhook_host: str
+    webhook_port: int
+    log_format: str                    # text | json
+    sweep_seconds: float               # how often every run is re-checked for stalls
+    metrics_port: int                  # 0: no Prometheus endpoint
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, '').strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f'{name} must be an integer, got {raw!r}') from None
+    if not low <= value <= high:
+        raise ConfigError(f'{name} must be between {low} and {high}, got {value}')
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, '').strip().lower() or default
+    if value not in choices:
+        raise ConfigError(f'{name} must be one of {", ".join(choices)}, got {value!r}')
+    return value
+
+
+def webhook_enabled(env: Mapping[str, str]) -> bool:
+    return _choice(env, 'TRAINGUARD_WEBHOOK', 'off', ('on', 'off', 'true', 'false')) in ('on', 'true')
+
+
+def config_from_env(env: Mapping[str, str]) -> Config:
+    limits = CpuLimits(
+        num_workers=_int(env, 'TRAINGUARD_CPU_NUM_WORKERS', 0, 0, 64),
+        max_batch_size=_int(env, 'TRAINGUARD_CPU_MAX_BATCH_SIZE', 4, 1, 4096),
+        max_resolution=_int(env, 'TRAINGUARD_CPU_MAX_RESOLUTION', 128, 16, 4096),
+    )
+    pod = PodSettings(
+        image=env.get('TRAINGUARD_TRAINER_IMAGE', '').strip() or DEFAULT_TRAINER_IMAGE,
+        heartbeat_seconds=_int(env, 'TRAINGUARD_HEARTBEAT_SECONDS', 10, 1, 3600),
+        image_pull_policy=_PULL_POLICIES[_choice(env, 'TRAINGUARD_IMAGE_PULL_POLICY', 'ifnotpresent',
+                                                 tuple(_PULL_POLICIES))],
+    )
+    namespaces = tuple(ns.strip() for ns in env.get('TRAINGUARD_NAMESPACES', '').split(',') if ns.strip())
+    sweep = _int(env, 'TRAINGUARD_SWEEP_SECONDS', 5, 1, 300)
+    return Config(
+        settings=Settings(limits=limits, pod=pod),
+        namespaces=namespaces,
+        webhook=webhook_enabled(env),
+        webhook_host=env.get('TRAINGUARD_WEBHOOK_HOST', '').strip(),
+        webhook_port=_int(env, 'TRAINGUARD_WEBHOOK_PORT', 9443, 1, 65535),
+        log_format=_choice(env, 'TRAINGUARD_LOG_FORMAT', 'text', ('text', 'json')),
+        sweep_seconds=float(sweep),
+        metrics_port=_int(env, 'TRAINGUARD_METRICS_PORT', 0, 0, 65535),
+    )

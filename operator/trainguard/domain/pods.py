@@ -1,0 +1,61 @@
+"""What a trainer pod's state means for its run: phase, reason and a human message."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+WAITING_REASONS_WORTH_REPORTING = frozenset({
+    'ImagePullBackOff', 'ErrImagePull', 'InvalidImageName', 'CreateContainerConfigError',
+    'CreateContainerError', 'CrashLoopBackOff',
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class PodState:
+    phase: str            # Pending | Running | Succeeded | Failed
+    reason: str = ''
+    message: str = ''
+
+
+def observe_pod(pod: Mapping[str, Any]) -> PodState:
+    status = pod.get('status') or {}
+    phase = status.get('phase') or 'Pending'
+    containers = status.get('containerStatuses') or []
+    trainer = next((c for c in containers if c.get('name') == 'trainer'), containers[0] if containers else {})
+    state = trainer.get('state') or {}
+    terminated = state.get('terminated') or {}
+    waiting = state.get('waiting') or {}
+
+    if status.get('reason') == 'Evicted':
+        return PodState('Failed', 'Evicted', status.get('message') or 'the pod was evicted from its node')
+    if terminated.get('reason') == 'OOMKilled':
+        limit = _memory_limit(pod)
+        return PodState('Failed', 'OOMKilled', 'the trainer ran out of memory and was killed'
+                        + (f' (limit {limit})' if limit else ''))
+    if phase == 'Failed':
+        code = terminated.get('exitCode')
+        detail = f'the trainer exited with code {code}' if code is not None else (
+            status.get('message') or 'the pod failed')
+        if terminated.get('message'):
+            detail += f': {terminated["message"].strip().splitlines()[-1][:300]}'
+        return PodState('Failed', 'PodFailed', detail)
+    if phase == 'Succeeded':
+        return PodState('Succeeded', 'Completed', 'training finished')
+    if phase == 'Running':
+        return PodState('Running', 'Training', 'the trainer is running')
+    if waiting.get('reason') in WAITING_REASONS_WORTH_REPORTING:
+        return PodState('Pending', waiting['reason'], waiting.get('message') or waiting['reason'])
+    for condition in status.get('conditions') or []:
+        if condition.get('type') == 'PodScheduled' and condition.get('status') == 'False':
+            return PodState('Pending', condition.get('reason') or 'Unschedulable',
+                            condition.get('message') or 'the pod cannot be scheduled')
+    return PodState('Pending', 'PodPending', 'waiting for the trainer pod to start')
+
+
+def _memory_limit(pod: Mapping[str, Any]) -> str:
+    for container in (pod.get('spec') or {}).get('containers') or []:
+        if container.get('name') == 'trainer':
+            return str(((container.get('resources') or {}).get('limits') or {}).get('memory', ''))
+    return ''

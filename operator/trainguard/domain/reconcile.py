@@ -1,0 +1,207 @@
+"""The run's state machine: from what was observed to what should be done, as data.
+
+``reconcile`` is level-triggered: given the stored run, its current pod (as observed) and the
+time, it returns a Plan (children to create, a pod to delete, one status merge-patch, Events
+and log lines). Applying a Plan and reconciling again yields an empty Plan, which is what
+makes the handlers idempotent and lets a periodic sweep call the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from trainguard.domain import builders
+from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat
+from trainguard.domain.pods import PodState
+from trainguard.domain.policy import CpuLimits, effective_device, plan_rewrite
+from trainguard.domain.spec import RunSpec, SpecError, parse_spec
+from trainguard.domain.stall import Stalled, judge_stall
+
+TERMINAL_PHASES = frozenset({'Succeeded', 'Failed'})
+HANG_ANNOTATION = 'trainguard.io/simulate-hang-after-steps'
+
+
+class PodAbsence(enum.Enum):
+    UNKNOWN = 'unknown'   # not observed yet (e.g. right after an operator restart)
+    GONE = 'gone'         # confirmed absent by the API
+
+
+PodView = PodState | PodAbsence
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The operator configuration the state machine needs."""
+
+    limits: CpuLimits = dataclasses.field(default_factory=CpuLimits)
+    pod: builders.PodSettings = dataclasses.field(
+        default_factory=lambda: builders.PodSettings(image='ghcr.io/trainguard/trainer:0.1.0'))
+
+    def heartbeat_seconds(self, spec: RunSpec) -> int:
+        """Beat at least three times per progress timeout, so one late beat is not a stall."""
+        return max(1, min(self.pod.heartbeat_seconds, spec.progress_timeout_seconds // 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    type: str      # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass
+class Plan:
+    spec_patch: dict[str, Any] | None = None
+    children: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    delete_pods: list[str] = dataclasses.field(default_factory=list)
+    status_patch: dict[str, Any] | None = None
+    events: list[Event] = dataclasses.field(default_factory=list)
+    logs: list[str] = dataclasses.field(default_factory=list)
+    heartbeat_problem: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.spec_patch or self.children or self.delete_pods or self.status_patch or self.events)
+
+
+def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, settings: Settings) -> Plan:
+    status: dict[str, Any] = dict(run.get('status') or {})
+    if status.get('phase') in TERMINAL_PHASES:
+        return Plan()  # terminal: no more pods, no more checks
+    metadata = run.get('metadata') or {}
+    ref = builders.RunRef(metadata.get('name', ''), metadata.get('namespace', ''), metadata.get('uid', ''))
+    plan = Plan()
+    target: dict[str, Any] = {'observedGeneration': metadata.get('generation', 1)}
+
+    try:
+        spec = parse_spec(run.get('spec') or {})
+    except SpecError as error:
+        _finish(target, 'Failed', 'InvalidSpec', f'the spec is invalid: {error}', now)
+        return _conclude(plan, status, target, now)
+
+    annotations = metadata.get('annotations') or {}
+    rewrite = plan_rewrite(spec, (run.get('spec') or {}).get('hyperparameters') or {}, annotations, settings.limits)
+    plan.spec_patch = rewrite.spec_patch
+    adjustments = [adjustment.to_api() for adjustment in rewrite.adjustments]
+    if adjustments and status.get('adjustments') != adjustments:
+        target['adjustments'] = adjustments
+        plan.logs += [adjustment.log_line() for adjustment in rewrite.adjustments]
+        plan.events.append(Event('Normal', 'CPUOptimized', '; '.join(plan.logs)))
+    target['device'] = effective_device(spec)
+
+    attempts = int(status.get('attempts') or 0)
+    if attempts == 0:
+        _start_attempt(plan, target, ref, spec, rewrite.effective, 1, settings, annotations,
+                       'PodCreated', f'created trainer pod {builders.pod_name(ref.name, 1)}')
+        return _conclude(plan, status, target, now)
+
+    current_pod = status.get('podName') or builders.pod_name(ref.name, attempts)
+    if pod is PodAbsence.GONE:
+        _fail_attempt(plan, target, ref, spec, rewrite.effective, attempts, settings, annotations,
+                      'PodDeleted', f'trainer pod {current_pod} was deleted', now)
+        return _conclude(plan, status, target, now)
+    if isinstance(pod, PodState):
+        if pod.phase == 'Succeeded':
+            _finish(target, 'Succeeded', 'Succeeded', f'training finished in pod {current_pod}', now)
+            return _conclude(plan, status, target, now)
+        if pod.phase == 'Failed':
+            _fail_attempt(plan, target, ref, spec, rewrite.effective, attempts, settings, annotations,
+                          pod.reason, pod.message, now)
+            return _conclude(plan, status, target, now)
+        if pod.phase == 'Running':
+            target.update(phase='Running', reason='Training', message=f'training in pod {current_pod}')
+            if not status.get('attemptStartTime'):
+                target['attemptStartTime'] = format_time(now)
+            if not status.get('startTime'):
+                target['startTime'] = format_time(now)
+        else:
+            target.update(phase='Pending', reason=pod.reason, message=pod.message)
+
+    running = target.get('phase', status.get('phase')) == 'Running'
+    beat = parse_heartbeat(annotations.get(PROGRESS_ANNOTATION))
+    if isinstance(beat, str):
+        plan.heartbeat_problem = beat
+    elif isinstance(beat, Heartbeat) and running and not beat.same_beat(status.get('progress') or {}):
+        target['progress'] = beat.to_status(now)
+        target['epoch'] = f'{beat.epoch}/{beat.epochs}'
+
+    if running:
+        verdict = judge_stall({**status, **target}, now, progress_timeout=spec.progress_timeout_seconds,
+                              startup_timeout=spec.startup_timeout_seconds)
+        if isinstance(verdict, Stalled):
+            plan.delete_pods.append(current_pod)  # the hung process dies with its pod
+            _fail_attempt(plan, target, ref, spec, rewrite.effective, attempts, settings, annotations,
+                          verdict.reason, verdict.message, now)
+    return _conclude(plan, status, target, now)
+
+
+def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec,
+                   hp: Any, attempt: int, settings: Settings, annotations: Mapping[str, str],
+                   reason: str, message: str) -> None:
+    pod_settings = dataclasses.replace(settings.pod, heartbeat_seconds=settings.heartbeat_seconds(spec))
+    plan.children += [
+        builders.build_service_account(ref), builders.build_role(ref), builders.build_role_binding(ref),
+        builders.build_pod(ref, spec, hp, attempt, pod_settings, _hang_switch(annotations)),
+    ]
+    target.update(phase='Pending', reason=reason, message=message, attempts=attempt,
+                  podName=builders.pod_name(ref.name, attempt), attemptStartTime=None)
+
+
+def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec, hp: Any,
+                  attempts: int, settings: Settings, annotations: Mapping[str, str],
+                  reason: str, message: str, now: datetime.datetime) -> None:
+    if attempts < spec.backoff_limit + 1:
+        plan.events.append(Event('Warning', reason, f'attempt {attempts}: {message}'))
+        _start_attempt(plan, target, ref, spec, hp, attempts + 1, settings, annotations, 'Retrying',
+                       f'attempt {attempts} failed ({reason}: {message}); started attempt {attempts + 1}'
+                       f' of {spec.backoff_limit + 1}')
+    else:
+        suffix = f' after {attempts} attempts' if attempts > 1 else ''
+        _finish(target, 'Failed', reason, message + suffix, now)
+
+
+def _finish(target: dict[str, Any], phase: str, reason: str, message: str, now: datetime.datetime) -> None:
+    target.update(phase=phase, reason=reason, message=message, completionTime=format_time(now))
+
+
+def _hang_switch(annotations: Mapping[str, str]) -> int | None:
+    value = annotations.get(HANG_ANNOTATION, '')
+    return int(value) if value.isdigit() else None
+
+
+def conditions(phase: str, reason: str, message: str, generation: int,
+               previous: list[dict[str, Any]], now: datetime.datetime) -> list[dict[str, Any]]:
+    """Ready follows kstatus (True only when Succeeded), so Flux and Argo CD read health from it."""
+    truth = {
+        'Ready': phase == 'Succeeded',
+        'Progressing': phase in ('Pending', 'Running'),
+        'Stalled': phase == 'Failed',
+    }
+    before = {condition.get('type'): condition for condition in previous}
+    result = []
+    for kind, value in truth.items():
+        text = 'True' if value else 'False'
+        old = before.get(kind) or {}
+        since = old.get('lastTransitionTime') if old.get('status') == text else None
+        result.append({'type': kind, 'status': text, 'reason': reason or phase, 'message': message,
+                       'lastTransitionTime': since or format_time(now), 'observedGeneration': generation})
+    return result
+
+
+def _conclude(plan: Plan, status: Mapping[str, Any], target: dict[str, Any], now: datetime.datetime) -> Plan:
+    """Turn the target status into a minimal merge patch, with conditions and a phase Event."""
+    phase = target.get('phase', status.get('phase'))
+    if phase:
+        reason = target.get('reason', status.get('reason', ''))
+        message = target.get('message', status.get('message', ''))
+        target['conditions'] = conditions(phase, reason, message, target['observedGeneration'],
+                                          status.get('conditions') or [], now)
+        if phase != status.get('phase'):
+            plan.events.append(Event('Warning' if phase == 'Failed' else 'Normal', phase, message))
+    patch = {key: value for key, value in target.items() if status.get(key) != value}
+    plan.status_patch = patch or None
+    return plan

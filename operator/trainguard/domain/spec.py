@@ -1,0 +1,200 @@
+"""Parsing and validating a TrainingRun spec into typed values.
+
+The CRD schema refuses most malformed runs at the API server. This parser repeats the
+checks that matter for a safe pod, so a run that slipped past (an old CRD, schema
+validation off) ends as Failed/InvalidSpec with a message naming the field, instead of
+crashing a handler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+GPU_RESOURCES = ('nvidia.com/gpu', 'amd.com/gpu')
+
+# The CRD's defaults, repeated for runs stored before a default existed; a unit test keeps
+# them equal to manifests/crd (tests/unit/test_spec.py::test_defaults_match_the_crd).
+DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
+    'batchSize': 32, 'numWorkers': 2, 'epochs': 2, 'learningRate': 0.01, 'resolution': 256, 'cropSize': 256,
+}
+DEFAULT_MODEL: dict[str, Any] = {'channels': [16, 32, 64, 128, 256], 'strides': [2, 2, 2, 2], 'numResUnits': 2}
+DEFAULT_DATASET: dict[str, Any] = {'source': 'synthetic', 'numSamples': 64, 'claimName': '', 'path': '/data'}
+DEFAULT_TIMEOUTS: dict[str, int] = {'progressTimeoutSeconds': 300, 'startupTimeoutSeconds': 600, 'backoffLimit': 0}
+
+
+class SpecError(ValueError):
+    """A spec value the operator cannot run; ``field`` is its path, e.g. spec.hyperparameters.cropSize."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f'{field}: {problem}')
+        self.field = field
+        self.problem = problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    batch_size: int
+    num_workers: int
+    epochs: int
+    learning_rate: float
+    resolution: int
+    crop_size: int
+
+    def to_api(self) -> dict[str, Any]:
+        return {'batchSize': self.batch_size, 'numWorkers': self.num_workers, 'epochs': self.epochs,
+                'learningRate': self.learning_rate, 'resolution': self.resolution, 'cropSize': self.crop_size}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    num_res_units: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    source: str
+    num_samples: int
+    claim_name: str
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    device: str
+    gpus: int
+    image: str
+    cpu_safety: str
+    hyperparameters: Hyperparameters
+    model: ModelSpec
+    dataset: DatasetSpec
+    output_claim: str
+    resources: dict[str, dict[str, str]]
+    node_selector: dict[str, str]
+    tolerations: list[dict[str, Any]]
+    progress_timeout_seconds: int
+    startup_timeout_seconds: int
+    backoff_limit: int
+
+
+def _int(raw: Mapping[str, Any], key: str, field: str, default: int, low: int, high: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f'{field}.{key}', f'must be an integer, got {value!r}')
+    if not low <= value <= high:
+        raise SpecError(f'{field}.{key}', f'must be between {low} and {high}, got {value}')
+    return value
+
+
+def _str(raw: Mapping[str, Any], key: str, field: str, default: str, choices: Sequence[str] = ()) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise SpecError(f'{field}.{key}', f'must be a string, got {value!r}')
+    if choices and value not in choices:
+        raise SpecError(f'{field}.{key}', f'must be one of {", ".join(choices)}, got {value!r}')
+    return value
+
+
+def _mapping(raw: Mapping[str, Any], key: str, field: str) -> Mapping[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f'{field}.{key}', f'must be an object, got {value!r}')
+    return value
+
+
+def _int_list(raw: Mapping[str, Any], key: str, field: str, default: list[int], low: int, high: int) -> tuple[int, ...]:
+    value = raw.get(key, default)
+    if not isinstance(value, list) or not value:
+        raise SpecError(f'{field}.{key}', f'must be a non-empty list of integers, got {value!r}')
+    for index, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or not low <= item <= high:
+            raise SpecError(f'{field}.{key}[{index}]', f'must be an integer between {low} and {high}, got {item!r}')
+    return tuple(value)
+
+
+def parse_hyperparameters(raw: Mapping[str, Any], field: str = 'spec.hyperparameters') -> Hyperparameters:
+    learning_rate = raw.get('learningRate', DEFAULT_HYPERPARAMETERS['learningRate'])
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not 0 < learning_rate <= 10:
+        raise SpecError(f'{field}.learningRate', f'must be a number in (0, 10], got {learning_rate!r}')
+    hp = Hyperparameters(
+        batch_size=_int(raw, 'batchSize', field, DEFAULT_HYPERPARAMETERS['batchSize'], 1, 4096),
+        num_workers=_int(raw, 'numWorkers', field, DEFAULT_HYPERPARAMETERS['numWorkers'], 0, 64),
+        epochs=_int(raw, 'epochs', field, DEFAULT_HYPERPARAMETERS['epochs'], 1, 100000),
+        learning_rate=float(learning_rate),
+        resolution=_int(raw, 'resolution', field, DEFAULT_HYPERPARAMETERS['resolution'], 16, 4096),
+        crop_size=_int(raw, 'cropSize', field, DEFAULT_HYPERPARAMETERS['cropSize'], 16, 4096),
+    )
+    if hp.crop_size > hp.resolution:
+        raise SpecError(f'{field}.cropSize', f'must be <= resolution ({hp.resolution}), got {hp.crop_size}')
+    return hp
+
+
+def _quantities(raw: Mapping[str, Any], field: str) -> dict[str, str]:
+    # The kubernetes client refuses non-string quantities, so every value becomes a string here.
+    result: dict[str, str] = {}
+    for name, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float | str) or str(value).strip() == '':
+            raise SpecError(f'{field}.{name}', f'must be a quantity like "2" or "4Gi", got {value!r}')
+        result[str(name)] = str(value)
+    return result
+
+
+def parse_spec(raw: Mapping[str, Any]) -> RunSpec:
+    """Turn ``.spec`` into a RunSpec, or raise SpecError naming the first bad field."""
+    if not isinstance(raw, Mapping):
+        raise SpecError('spec', f'must be an object, got {raw!r}')
+    device = _str(raw, 'device', 'spec', 'auto', ('auto', 'cpu', 'gpu'))
+    gpus = _int(raw, 'gpus', 'spec', 0, 0, 16)
+    if device == 'cpu' and gpus:
+        raise SpecError('spec.gpus', f'must be 0 when spec.device is cpu, got {gpus}')
+    model_raw = _mapping(raw, 'model', 'spec')
+    model = ModelSpec(
+        channels=_int_list(model_raw, 'channels', 'spec.model', DEFAULT_MODEL['channels'], 1, 4096),
+        strides=_int_list(model_raw, 'strides', 'spec.model', DEFAULT_MODEL['strides'], 1, 4),
+        num_res_units=_int(model_raw, 'numResUnits', 'spec.model', DEFAULT_MODEL['numResUnits'], 0, 8),
+    )
+    if len(model.strides) != len(model.channels) - 1:
+        raise SpecError('spec.model.strides', f'must have one entry fewer than channels ({len(model.channels)}),'
+                                              f' got {len(model.strides)}')
+    dataset_raw = _mapping(raw, 'dataset', 'spec')
+    dataset = DatasetSpec(
+        source=_str(dataset_raw, 'source', 'spec.dataset', 'synthetic', ('synthetic', 'directory')),
+        num_samples=_int(dataset_raw, 'numSamples', 'spec.dataset', DEFAULT_DATASET['numSamples'], 2, 100000),
+        claim_name=_str(dataset_raw, 'claimName', 'spec.dataset', ''),
+        path=_str(dataset_raw, 'path', 'spec.dataset', '/data'),
+    )
+    if dataset.source == 'directory' and not dataset.claim_name:
+        raise SpecError('spec.dataset.claimName', 'is required when spec.dataset.source is directory')
+    if not dataset.path.startswith('/'):
+        raise SpecError('spec.dataset.path', f'must be an absolute path, got {dataset.path!r}')
+    resources_raw = _mapping(raw, 'resources', 'spec')
+    resources = {
+        section: _quantities(_mapping(resources_raw, section, 'spec.resources'), f'spec.resources.{section}')
+        for section in ('limits', 'requests') if resources_raw.get(section)
+    }
+    node_selector = dict(_mapping(raw, 'nodeSelector', 'spec'))
+    for key, value in node_selector.items():
+        if not isinstance(value, str):
+            raise SpecError(f'spec.nodeSelector.{key}', f'must be a string, got {value!r}')
+    tolerations = raw.get('tolerations') or []
+    if not isinstance(tolerations, list) or not all(isinstance(item, Mapping) for item in tolerations):
+        raise SpecError('spec.tolerations', f'must be a list of tolerations, got {tolerations!r}')
+    return RunSpec(
+        device=device,
+        gpus=gpus,
+        image=_str(raw, 'image', 'spec', ''),
+        cpu_safety=_str(raw, 'cpuSafety', 'spec', 'enforce', ('enforce', 'off')),
+        hyperparameters=parse_hyperparameters(_mapping(raw, 'hyperparameters', 'spec')),
+        model=model,
+        dataset=dataset,
+        output_claim=_str(_mapping(raw, 'output', 'spec'), 'claimName', 'spec.output', ''),
+        resources=resources,
+        node_selector=node_selector,
+        tolerations=[dict(item) for item in tolerations],
+        progress_timeout_seconds=_int(raw, 'progressTimeoutSeconds', 'spec', 300, 5, 604800),
+        startup_timeout_seconds=_int(raw, 'startupTimeoutSeconds', 'spec', 600, 5, 604800),
+        backoff_limit=_int(raw, 'backoffLimit', 'spec', 0, 0, 10),
+    )

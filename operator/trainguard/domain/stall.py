@@ -1,0 +1,60 @@
+"""Hung-training detection: a pure function of the stored status and the current time.
+
+Staleness is judged on when the operator observed a heartbeat (``lastProgressTime``), not on
+the trainer's clock, and the inputs all live in ``.status`` so the decision survives an
+operator restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+from trainguard.domain.heartbeat import parse_time
+
+
+@dataclasses.dataclass(frozen=True)
+class Healthy:
+    deadline: datetime.datetime | None  # when the run becomes stalled if nothing happens
+
+
+@dataclasses.dataclass(frozen=True)
+class Stalled:
+    reason: str   # StartupTimeout | ProgressTimeout
+    message: str
+    silent_seconds: int
+
+
+def judge_stall(status: Mapping[str, Any], now: datetime.datetime, *,
+                progress_timeout: int, startup_timeout: int) -> Healthy | Stalled:
+    """Only a Running attempt can stall; heartbeats from an earlier attempt do not count."""
+    if status.get('phase') != 'Running':
+        return Healthy(None)
+    attempt_start = parse_time(status.get('attemptStartTime'))
+    if attempt_start is None:
+        return Healthy(None)
+    progress = status.get('progress') or {}
+    last_beat = parse_time(progress.get('lastProgressTime'))
+    if last_beat is None or last_beat < attempt_start:
+        deadline = attempt_start + datetime.timedelta(seconds=startup_timeout)
+        if now < deadline:
+            return Healthy(deadline)
+        silent = int((now - attempt_start).total_seconds())
+        return Stalled('StartupTimeout', f'no heartbeat {silent}s after the trainer pod started'
+                                         f' (startupTimeoutSeconds {startup_timeout})', silent)
+    deadline = last_beat + datetime.timedelta(seconds=progress_timeout)
+    if now < deadline:
+        return Healthy(deadline)
+    silent = int((now - last_beat).total_seconds())
+    last = describe_progress(progress)
+    return Stalled('ProgressTimeout', f'no progress for {silent}s (last: {last})', silent)
+
+
+def describe_progress(progress: Mapping[str, Any]) -> str:
+    text = f"epoch {progress.get('epoch', '?')}/{progress.get('epochs', '?')}, " \
+           f"step {progress.get('step', '?')}/{progress.get('steps', '?')}"
+    if isinstance(progress.get('loss'), int | float):
+        text += f", loss {progress['loss']:.2f}"
+    return text

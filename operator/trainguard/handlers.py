@@ -1,0 +1,114 @@
+"""kopf handlers: thin. They unpack, call the pure core (via Runtime), and apply the result.
+
+``kopf run -m trainguard.handlers`` runs the operator; so does ``trainguard-operator run``.
+Handlers are sync on purpose: kopf runs them in worker threads, where the blocking
+kubernetes client is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from trainguard import GROUP, PLURAL, VERSION
+from trainguard.domain.builders import RUN_LABEL
+from trainguard.domain.config import config_from_env, webhook_enabled
+from trainguard.domain.policy import plan_rewrite
+from trainguard.domain.spec import SpecError, parse_spec
+from trainguard.kube import KubeApi
+from trainguard.runtime import Runtime, system_clock
+
+
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The service account in a pod, else $KUBECONFIG read at login time (not at import)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    config = memo.get('config') or config_from_env(os.environ)
+    # trainguard posts its own Events; kopf would post one per handler log line.
+    settings.posting.enabled = False
+    # Nothing here needs kopf's per-object state: no finalizers, no progress or diff-base
+    # annotations, so a new run costs only the writes the design counts.
+    settings.persistence.finalizer = 'trainguard.io/finalizer'
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    if config.webhook:
+        settings.admission.server = kopf.WebhookServer(
+            addr='0.0.0.0', port=config.webhook_port, host=config.webhook_host or None)
+        settings.admission.managed = 'trainguard.io'
+    api = memo.get('api') or KubeApi.from_environment()
+    memo.runtime = Runtime(config=config, api=api, clock=memo.get('clock') or system_clock)
+    memo.sweeper = asyncio.create_task(memo.runtime.sweep_forever(logger))
+    logger.info('trainguard started: trainer image %s, CPU limits %s, namespaces %s, webhook %s',
+                config.settings.pod.image, config.settings.limits, config.namespaces or 'all',
+                'on' if config.webhook else 'off')
+
+
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    sweeper = memo.get('sweeper')
+    if sweeper is not None:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+
+
+def on_run_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+                 **_: Any) -> None:
+    runtime: Runtime = memo.runtime
+    if event['type'] == 'DELETED':
+        runtime.forget_run((body.metadata.namespace, body.metadata.name))
+        return
+    key = runtime.observe_run(event['object'])
+    runtime.reconcile(key, logger)
+
+
+def on_pod_event(event: kopf.RawEvent, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    runtime: Runtime = memo.runtime
+    key = runtime.observe_pod(event['type'], event['object'])
+    if key is not None:
+        runtime.reconcile(key, logger)
+
+
+def mutate_cpu_safety(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
+                      warnings: list[str], **_: Any) -> None:
+    """Rewrite at admission, so GitOps dry-runs through admission see the effective spec (no drift)."""
+    spec_raw = dict(body.get('spec') or {})
+    try:
+        spec = parse_spec(spec_raw)
+    except SpecError:
+        return  # the operator reports it as Failed/InvalidSpec with the same message
+    runtime: Runtime = memo.runtime
+    rewrite = plan_rewrite(spec, spec_raw.get('hyperparameters') or {}, dict(body.metadata.annotations),
+                           runtime.config.settings.limits)
+    if rewrite.spec_patch is None:
+        return
+    for section, values in rewrite.spec_patch.items():
+        target = patch.setdefault(section, {})
+        for key, value in values.items():
+            target[key] = value
+    for adjustment in rewrite.adjustments:
+        warnings.append(adjustment.log_line())
+        logger.info(adjustment.log_line())
+
+
+def register(registry: kopf.OperatorRegistry, *, webhook: bool) -> kopf.OperatorRegistry:
+    """Register every handler; the admission handler only when a webhook server will serve it
+    (kopf refuses to start with admission handlers and no server)."""
+    kopf.on.login(registry=registry)(login)
+    kopf.on.startup(registry=registry)(start)
+    kopf.on.cleanup(registry=registry)(stop)
+    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(on_run_event)
+    kopf.on.event('', 'v1', 'pods', registry=registry,
+                  labels={RUN_LABEL: kopf.PRESENT, 'app.kubernetes.io/managed-by': 'trainguard'})(on_pod_event)
+    if webhook:
+        kopf.on.mutate(GROUP, VERSION, PLURAL, operations={'CREATE'}, id='cpu-safety',
+                       registry=registry)(mutate_cpu_safety)
+    return registry
+
+
+# `kopf run -m trainguard.handlers` reads kopf's default registry.
+register(kopf.get_default_registry(), webhook=webhook_enabled(os.environ))

@@ -1,0 +1,147 @@
+"""The operator's in-memory view of runs and pods, and the one place a Plan is applied.
+
+kopf delivers watch events for runs and pods; both update this view and reconcile the
+affected run. A periodic sweep reconciles every live run too, which is how stalls are
+detected (one task for all runs, not a timer per run) and how a failed write is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import datetime
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from trainguard.domain import reconcile as machine
+from trainguard.domain.builders import RUN_LABEL
+from trainguard.domain.config import Config
+from trainguard.domain.pods import PodState, observe_pod
+from trainguard.kube import KubeApi
+
+Clock = Callable[[], datetime.datetime]
+RunKey = tuple[str, str]  # (namespace, name)
+PIN_SECONDS = 30.0
+
+
+def system_clock() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclasses.dataclass
+class Runtime:
+    config: Config
+    api: KubeApi
+    clock: Clock = system_clock
+    runs: dict[RunKey, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    pods: dict[RunKey, PodState | machine.PodAbsence] = dataclasses.field(default_factory=dict)
+    _pins: dict[RunKey, tuple[str, float]] = dataclasses.field(default_factory=dict)
+    _locks: collections.defaultdict[RunKey, threading.Lock] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(threading.Lock))
+    _warned: dict[RunKey, str] = dataclasses.field(default_factory=dict)
+    _guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    # -- observing ------------------------------------------------------------------------
+
+    def observe_run(self, body: Mapping[str, Any]) -> RunKey:
+        """Remember the newest run body; watch events older than our own last write are skipped."""
+        key = (body['metadata']['namespace'], body['metadata']['name'])
+        version = body['metadata'].get('resourceVersion', '')
+        with self._guard:
+            pin = self._pins.get(key)
+            if pin is not None:
+                pinned_version, until = pin
+                if version == pinned_version or time.monotonic() > until:
+                    del self._pins[key]
+                else:
+                    return key  # an event from before our write; our write's response is newer
+            self.runs[key] = dict(body)
+        return key
+
+    def forget_run(self, key: RunKey) -> None:
+        with self._guard:
+            self.runs.pop(key, None)
+            self._pins.pop(key, None)
+            self._warned.pop(key, None)
+
+    def observe_pod(self, event_type: str, pod: Mapping[str, Any]) -> RunKey | None:
+        metadata = pod.get('metadata') or {}
+        owner = next((ref['name'] for ref in metadata.get('ownerReferences') or []
+                      if ref.get('kind') == 'TrainingRun'), (metadata.get('labels') or {}).get(RUN_LABEL))
+        if not owner:
+            return None
+        pod_key = (metadata['namespace'], metadata['name'])
+        self.pods[pod_key] = machine.PodAbsence.GONE if event_type == 'DELETED' else observe_pod(pod)
+        return (metadata['namespace'], owner)
+
+    # -- deciding and acting --------------------------------------------------------------
+
+    def reconcile(self, key: RunKey, logger: logging.Logger | logging.LoggerAdapter[Any]) -> machine.Plan | None:
+        """Decide from the freshest view and apply the plan; serialized per run across threads."""
+        with self._locks[key]:
+            run = self.runs.get(key)
+            if run is None:
+                return None
+            plan = machine.reconcile(run, self._pod_view(run), self.clock(), self.config.settings)
+            self._apply(key, run, plan, logger)
+            return plan
+
+    def _pod_view(self, run: Mapping[str, Any]) -> PodState | machine.PodAbsence:
+        status = run.get('status') or {}
+        name = status.get('podName')
+        if not name or status.get('phase') in machine.TERMINAL_PHASES:
+            return machine.PodAbsence.UNKNOWN
+        key = (run['metadata']['namespace'], name)
+        if key not in self.pods:
+            # Not seen on the watch yet (e.g. just after a restart): ask once rather than guess.
+            pod = self.api.read_pod(*key)
+            self.pods[key] = machine.PodAbsence.GONE if pod is None else observe_pod(pod)
+        return self.pods[key]
+
+    def _apply(self, key: RunKey, run: Mapping[str, Any], plan: machine.Plan,
+               logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+        namespace, name = key
+        for pod_name in plan.delete_pods:
+            self.api.delete_pod(namespace, pod_name)
+            self.pods[(namespace, pod_name)] = machine.PodAbsence.GONE
+        if plan.spec_patch:
+            self._remember(key, self.api.patch_run(namespace, name, plan.spec_patch))
+        for child in plan.children:
+            self.api.create_if_absent(child)
+        if plan.status_patch:
+            self._remember(key, self.api.patch_run_status(namespace, name, plan.status_patch))
+        for line in plan.logs:
+            logger.info(line)
+        now = self.clock()
+        for event in plan.events:
+            self.api.post_event(run, event.type, event.reason, event.message, now)
+        problem = plan.heartbeat_problem
+        if problem and self._warned.get(key) != problem:
+            self._warned[key] = problem
+            logger.warning(problem)
+            self.api.post_event(run, 'Warning', 'MalformedProgress', problem, now)
+
+    def _remember(self, key: RunKey, body: Mapping[str, Any] | None) -> None:
+        if not body or 'metadata' not in body:
+            return
+        with self._guard:
+            self.runs[key] = dict(body)
+            self._pins[key] = (body['metadata'].get('resourceVersion', ''), time.monotonic() + PIN_SECONDS)
+
+    # -- sweeping -------------------------------------------------------------------------
+
+    async def sweep_forever(self, logger: logging.Logger) -> None:
+        """Re-check every live run on a fixed interval: stalls, and writes that failed before."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.sweep_seconds)
+            for key in [key for key, run in list(self.runs.items())
+                        if (run.get('status') or {}).get('phase') not in machine.TERMINAL_PHASES]:
+                try:
+                    await loop.run_in_executor(None, self.reconcile, key, logger)
+                except Exception:  # one run's problem never stops the sweep for the others
+                    logger.exception('reconciling %s/%s failed; will retry on the next sweep', *key)

@@ -1,0 +1,424 @@
+"""A Kubernetes API emulator faithful enough to run the real kopf operator against.
+
+kmock's ``KubernetesEmulator`` (by kopf's author) serves discovery, CRUD, lists and watches
+from memory. It is deliberately simple, and several of its simplifications break an operator
+that relies on real API-server semantics. This subclass closes those gaps, and is shared by
+the operator test tier and by ``trainguard-operator sandbox``:
+
+- uid, resourceVersion, generation and creationTimestamp are set on create (and
+  ``generateName`` is honoured, as kopf posts Events with it);
+- every write bumps a cluster-wide resourceVersion; spec changes bump ``generation``;
+- JSON patches (with kopf's ``test`` on resourceVersion) and merge patches are applied
+  as the API server does, and a failed ``test`` answers 422;
+- the status subresource is isolated: writes to ``/status`` change only ``.status``,
+  writes to the main endpoint never change it, and create drops it;
+- list answers carry the real resourceVersion, and a watch resumes from a
+  resourceVersion instead of replaying every object (410 Gone when too old);
+- label and field selectors filter lists and watches;
+- deleting an object garbage-collects its dependents (ownerReferences), in the background
+  propagation style, and finalizers hold deletion as usual.
+
+Admission webhooks, RBAC and schema validation are not emulated; tests cover those on
+their own (AdmissionReviews posted to kopf's server, RBAC derived from recorded requests,
+the CRD schema validated offline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import re
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import attrs
+import jsonpatch
+import kmock
+from kmock._internal import apps, rendering  # the extension points kmock's own subclasses use
+
+WATCH_LOG_LIMIT = 200_000  # events kept for resuming watches; older resourceVersions get 410 Gone
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+def _error(status: int, reason: str, message: str) -> kmock.KubernetesError:
+    return kmock.KubernetesError(status=status, reason=reason, message=message)
+
+
+@attrs.define
+class _LoggedEvent:
+    resource_version: int
+    resource: kmock.resource
+    event: dict[str, Any]
+
+
+@attrs.define(kw_only=True)
+class FaithfulEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator with the API-server semantics an operator depends on."""
+
+    _last_resource_version: int = attrs.field(default=0, init=False)
+    _watch_log: list[_LoggedEvent] = attrs.field(factory=list, init=False)
+    _watch_changed: asyncio.Condition = attrs.field(factory=asyncio.Condition, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        # kmock does not guess an action for PUT; serve it as a full replacement.
+        self.fallback['put'] << self._serve_update
+
+    # -- state changes --------------------------------------------------------------------
+
+    def _next_resource_version(self) -> str:
+        self._last_resource_version += 1
+        return str(self._last_resource_version)
+
+    def _has_status_subresource(self, resource: kmock.resource) -> bool:
+        return resource in self.resources and 'status' in self.resources[resource].subresources
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        if request.resource is not None:
+            async with self._lock:
+                if request.action == kmock.action.CREATE:
+                    await self._create(request)
+                elif request.name is not None and request.action == kmock.action.DELETE:
+                    await self._delete(request.resource, request.namespace, request.name)
+                elif request.name is not None and (
+                        request.action == kmock.action.UPDATE or request.method == kmock.method.PUT):
+                    await self._update(request)
+        # Skip kmock's own state changes (done above, faithfully) and go straight to routing,
+        # which serves the results from the stored objects.
+        return await apps.RawHandler._handle(self, request)
+
+    async def _create(self, request: rendering.Request) -> None:
+        assert request.resource is not None
+        body: dict[str, Any] = request.data if isinstance(request.data, dict) else {}
+        metadata = body.setdefault('metadata', {})
+        if not metadata.get('name'):
+            if not metadata.get('generateName'):
+                raise _error(422, 'Invalid', 'metadata.name: Required value: name or generateName is required')
+            metadata['name'] = metadata['generateName'] + secrets.token_hex(3)[:5]
+        if request.namespace is not None:
+            metadata['namespace'] = request.namespace
+        key = (request.resource, metadata.get('namespace'), metadata['name'])
+        if key in self.objects and not self.objects[key].deleted:
+            raise _error(409, 'AlreadyExists',
+                         f'{request.resource.plural} "{metadata["name"]}" already exists')
+        if self._has_status_subresource(request.resource):
+            body.pop('status', None)  # the API server ignores status on create
+        metadata['uid'] = str(uuid.uuid4())
+        metadata['resourceVersion'] = self._next_resource_version()
+        metadata['generation'] = 1
+        metadata['creationTimestamp'] = _now()
+        metadata.pop('deletionTimestamp', None)
+        if key in self.objects:
+            self.objects[key].create(body)
+        else:
+            self.objects[key] = body
+        await self._publish(request.resource, 'ADDED', self.objects[key].raw)
+
+    async def _update(self, request: rendering.Request) -> None:
+        assert request.resource is not None and request.name is not None
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        old = self.objects[key].raw
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        content_type = headers.get('content-type', '').split(';')[0].strip()
+        if request.method == kmock.method.PUT:
+            sent_version = (request.data or {}).get('metadata', {}).get('resourceVersion')
+            if sent_version and sent_version != old['metadata']['resourceVersion']:
+                raise _error(409, 'Conflict', 'the object has been modified; please apply your '
+                                              'changes to the latest version and try again')
+            patched = copy.deepcopy(request.data)
+        elif content_type == 'application/json-patch+json':
+            try:
+                patched = jsonpatch.apply_patch(old, request.data or [])
+            except jsonpatch.JsonPatchTestFailed as e:
+                raise _error(422, 'Invalid', f'the server rejected our request due to an error in our '
+                                             f'request: {e}') from e
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+                raise _error(422, 'Invalid', str(e)) from e
+        else:
+            # Merge patch; strategic merge patch is treated the same (lists are replaced), which is
+            # what every caller in this project sends for the objects it patches.
+            patched = jsonpatch_merge(old, request.data or {})
+
+        new = self._isolate_status(request.resource, request.subresource, old, patched)
+        new_meta = new.setdefault('metadata', {})
+        for immutable in ('uid', 'creationTimestamp', 'namespace', 'name', 'generation', 'deletionTimestamp'):
+            if immutable in old.get('metadata', {}):
+                new_meta[immutable] = old['metadata'][immutable]
+            else:
+                new_meta.pop(immutable, None)
+        if _without_meta_and_status(new) != _without_meta_and_status(old):
+            new_meta['generation'] = int(old['metadata'].get('generation', 1)) + 1
+        if new == old:
+            return  # a no-op write keeps the resourceVersion, as the API server does
+        new_meta['resourceVersion'] = self._next_resource_version()
+        self.objects[key].history.append(new)
+        if new_meta.get('deletionTimestamp') and not new_meta.get('finalizers'):
+            await self._remove(key)
+        else:
+            await self._publish(request.resource, 'MODIFIED', new)
+
+    def _isolate_status(self, resource: kmock.resource, subresource: str | None,
+                        old: dict[str, Any], patched: dict[str, Any]) -> dict[str, Any]:
+        if not self._has_status_subresource(resource):
+            return patched
+        if subresource == 'status':
+            new = copy.deepcopy(old)
+            if 'status' in patched:
+                new['status'] = patched['status']
+            else:
+                new.pop('status', None)
+            return new
+        new = copy.deepcopy(patched)
+        if 'status' in old:
+            new['status'] = copy.deepcopy(old['status'])
+        else:
+            new.pop('status', None)
+        return new
+
+    async def _delete(self, resource: kmock.resource, namespace: str | None, name: str) -> None:
+        key = (resource, namespace, name)
+        if key not in self.objects or self.objects[key].deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        obj = self.objects[key].raw
+        meta = obj.get('metadata', {})
+        if meta.get('deletionTimestamp'):
+            return
+        if meta.get('finalizers'):
+            new = copy.deepcopy(obj)
+            new['metadata']['deletionTimestamp'] = _now()
+            new['metadata']['resourceVersion'] = self._next_resource_version()
+            self.objects[key].history.append(new)
+            await self._publish(resource, 'MODIFIED', new)
+        else:
+            await self._remove(key)
+
+    async def _remove(self, key: tuple[kmock.resource, str | None, str]) -> None:
+        """Delete for real, then collect dependents as the garbage collector would."""
+        resource = key[0]
+        last = copy.deepcopy(self.objects[key].raw)
+        last['metadata']['resourceVersion'] = self._next_resource_version()
+        self.objects[key].history.append(last)
+        self.objects[key].delete()
+        await self._publish(resource, 'DELETED', last)
+        owner_uid = last['metadata'].get('uid')
+        dependents = [
+            dep_key for dep_key, dep in list(self.objects.items())
+            if not dep.deleted
+            if any(ref.get('uid') == owner_uid for ref in dep.raw.get('metadata', {}).get('ownerReferences', []))
+        ]
+        for dep_resource, dep_namespace, dep_name in dependents:
+            await self._delete(dep_resource, dep_namespace, dep_name)
+
+    async def _publish(self, resource: kmock.resource, event_type: str, obj: Mapping[str, Any]) -> None:
+        version = int(obj['metadata']['resourceVersion'])
+        self._watch_log.append(_LoggedEvent(version, resource, {'type': event_type, 'object': copy.deepcopy(obj)}))
+        if len(self._watch_log) > WATCH_LOG_LIMIT:
+            del self._watch_log[: len(self._watch_log) - WATCH_LOG_LIMIT]
+        async with self._watch_changed:
+            self._watch_changed.notify_all()
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _matching(self, request: rendering.Request) -> list[dict[str, Any]]:
+        selector = _Selector.from_params(request.params)
+        return [
+            obj.raw for (resource, namespace, name), obj in self.objects.items()
+            if resource == request.resource and not obj.deleted
+            if request.namespace is None or namespace == request.namespace
+            if request.name is None or name == request.name
+            if selector.matches(obj.raw)
+        ]
+
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        if request.resource not in self._get_resources():
+            raise kmock.KubernetesResourceNotFoundError()
+        async with self._lock:
+            items = self._matching(request)
+            version = str(self._last_resource_version)
+        # Not .get(): kmock's ResourcesArray creates an entry on a missing key.
+        info = self.resources[request.resource] if request.resource in self.resources else None  # noqa: SIM401
+        kind = (info.kind if info and info.kind else request.resource.plural) + 'List'
+        return {'apiVersion': 'v1', 'kind': kind, 'metadata': {'resourceVersion': version}, 'items': items}
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
+        yield b''  # send the headers now, as kmock's own watch does, so clients see the stream open
+        assert request.resource is not None
+        selector = _Selector.from_params(request.params)
+        since = request.params.get('resourceVersion', '')
+        async with self._lock:
+            if since in ('', '0'):
+                # No resourceVersion: synthetic ADDED events for what exists now, then changes.
+                initial = [{'type': 'ADDED', 'object': obj} for obj in self._matching(request)]
+                cursor = self._last_resource_version
+            else:
+                cursor = int(since)
+                oldest = self._watch_log[0].resource_version if self._watch_log else cursor + 1
+                if cursor + 1 < oldest and cursor < self._last_resource_version:
+                    gone = {'kind': 'Status', 'apiVersion': 'v1', 'status': 'Failure', 'code': 410,
+                            'reason': 'Expired', 'message': f'too old resource version: {cursor}'}
+                    yield {'type': 'ERROR', 'object': gone}
+                    return
+                initial = []
+        for event in initial:
+            yield event
+        while True:
+            for logged in self._events_after(cursor):
+                cursor = logged.resource_version
+                obj = logged.event['object']
+                meta = obj.get('metadata', {})
+                if logged.resource != request.resource:
+                    continue
+                if request.namespace is not None and meta.get('namespace') != request.namespace:
+                    continue
+                if request.name is not None and meta.get('name') != request.name:
+                    continue
+                if not selector.matches(obj):
+                    continue
+                yield logged.event
+            async with self._watch_changed:
+                if not self._events_after(cursor):
+                    await self._watch_changed.wait()
+
+    def _events_after(self, version: int) -> list[_LoggedEvent]:
+        # The log is ordered by resourceVersion: bisect would be faster, but the log is scanned
+        # from the end, where watchers almost always are.
+        result: list[_LoggedEvent] = []
+        for logged in reversed(self._watch_log):
+            if logged.resource_version <= version:
+                break
+            result.append(logged)
+        result.reverse()
+        return result
+
+
+def jsonpatch_merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: dicts merge recursively, null deletes, the rest replaces.
+
+    The jsonpatch package implements RFC 6902 only, and kmock's own merge keeps explicit
+    nulls in lists, so this small function is the reference behaviour of the API server.
+    """
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = jsonpatch_merge(result.get(key), value)
+    return result
+
+
+def _without_meta_and_status(obj: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in obj.items() if key not in ('metadata', 'status')}
+
+
+_REQUIREMENT = re.compile(
+    r'^\s*(?P<neg>!)?\s*(?P<key>[A-Za-z0-9._/-]+)\s*'
+    r'(?:(?P<op>==|=|!=)\s*(?P<value>[A-Za-z0-9._-]*)|\s+(?P<setop>in|notin)\s*\((?P<values>[^)]*)\))?\s*$'
+)
+
+
+@attrs.frozen
+class _Selector:
+    """Label and field selectors as the API server parses them (equality and set-based)."""
+
+    labels: tuple[tuple[str, str, frozenset[str]], ...] = ()
+    fields: tuple[tuple[str, str, str], ...] = ()
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> _Selector:
+        return cls(labels=tuple(_parse_labels(params.get('labelSelector', ''))),
+                   fields=tuple(_parse_fields(params.get('fieldSelector', ''))))
+
+    def matches(self, obj: Mapping[str, Any]) -> bool:
+        labels = obj.get('metadata', {}).get('labels') or {}
+        for key, op, values in self.labels:
+            present = key in labels
+            if op == 'exists' and not present:
+                return False
+            if op == '!exists' and present:
+                return False
+            if op == 'in' and labels.get(key) not in values:
+                return False
+            if op == 'notin' and present and labels[key] in values:
+                return False
+        for path, op, value in self.fields:
+            actual = _dig(obj, path.split('.'))
+            if (op == '=') != (str(actual) == value if actual is not None else value == ''):
+                return False
+        return True
+
+
+def _split_requirements(text: str) -> Iterable[str]:
+    depth, start = 0, 0
+    for index, char in enumerate(text):
+        depth += char == '('
+        depth -= char == ')'
+        if char == ',' and depth == 0:
+            yield text[start:index]
+            start = index + 1
+    if text[start:].strip():
+        yield text[start:]
+
+
+def _parse_labels(text: str) -> Iterable[tuple[str, str, frozenset[str]]]:
+    for requirement in _split_requirements(text):
+        match = _REQUIREMENT.match(requirement)
+        if not match:
+            raise _error(400, 'BadRequest', f'unable to parse requirement: {requirement!r}')
+        key = match['key']
+        if match['setop']:
+            values = frozenset(v.strip() for v in match['values'].split(',') if v.strip())
+            yield key, match['setop'], values
+        elif match['op'] in ('=', '=='):
+            yield key, 'in', frozenset({match['value']})
+        elif match['op'] == '!=':
+            yield key, 'notin', frozenset({match['value']})
+        else:
+            yield key, '!exists' if match['neg'] else 'exists', frozenset()
+
+
+def _parse_fields(text: str) -> Iterable[tuple[str, str, str]]:
+    for requirement in _split_requirements(text):
+        path, op, value = re.split(r'(!=|==|=)', requirement.strip(), maxsplit=1)
+        yield path.strip(), '!=' if op == '!=' else '=', value.strip()
+
+
+def _dig(obj: Any, path: list[str]) -> Any:
+    for part in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(part)
+    return obj
+
+
+def register_crd(emulator: kmock.KubernetesEmulator, crd: Mapping[str, Any]) -> None:
+    """Serve a CustomResourceDefinition's resource in discovery and store the CRD itself."""
+    spec = crd['spec']
+    names = spec['names']
+    for version in spec['versions']:
+        if not version.get('served', True):
+            continue
+        key = f"{spec['group']}/{version['name']}/{names['plural']}"
+        emulator.resources[key] = kmock.ResourceInfo(
+            kind=names['kind'],
+            singular=names.get('singular', names['kind'].lower()),
+            namespaced=spec.get('scope', 'Namespaced') == 'Namespaced',
+            verbs={'create', 'delete', 'deletecollection', 'get', 'list', 'patch', 'update', 'watch'},
+            shortnames=set(names.get('shortNames', [])),
+            categories=set(names.get('categories', [])),
+            subresources=set(version.get('subresources', {}) or {}),
+        )
+    crds = kmock.resource('apiextensions.k8s.io', 'v1', 'customresourcedefinitions')
+    stored = copy.deepcopy(dict(crd))
+    stored.setdefault('metadata', {}).update(uid=str(uuid.uuid4()), resourceVersion='1', generation=1)
+    emulator.objects[crds, None, crd['metadata']['name']] = stored
+

@@ -1,0 +1,213 @@
+"""The operator tier: the real kopf operator, in-process, over HTTP against the faithful emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime
+import pathlib
+import weakref
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from typing import Any
+
+import kmock
+import kopf
+import pytest
+
+from trainguard.sandbox.cluster import emulated_cluster
+from trainguard.sandbox.emulator import FaithfulEmulator
+
+RUNS = kmock.resource('trainguard.io', 'v1alpha1', 'trainingruns')
+PODS = kmock.resource('', 'v1', 'pods')
+EVENTS = kmock.resource('', 'v1', 'events')
+NAMESPACE = 'default'
+
+
+@pytest.fixture()
+async def cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FaithfulEmulator]:
+    kubeconfig = tmp_path / 'kubeconfig'
+    async with emulated_cluster(kubeconfig, namespaces=(NAMESPACE, 'other')) as emulator:
+        monkeypatch.setenv('KUBECONFIG', str(kubeconfig))
+        yield emulator
+
+
+class Api:
+    """Test-side client: talks HTTP to the emulator like kubectl would."""
+
+    def __init__(self, emulator: FaithfulEmulator) -> None:
+        self.emulator = emulator
+
+    @staticmethod
+    def _url(resource: kmock.resource, namespace: str | None, name: str | None = None,
+             subresource: str | None = None) -> str:
+        base = f'/api/{resource.version}' if not resource.group else f'/apis/{resource.group}/{resource.version}'
+        url = base + (f'/namespaces/{namespace}' if namespace else '') + f'/{resource.plural}'
+        url += f'/{name}' if name else ''
+        url += f'/{subresource}' if subresource else ''
+        return url
+
+    async def _json(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        async with self.emulator.request(method, url, **kwargs) as response:
+            payload = await response.json()
+            if response.status >= 400:
+                raise AssertionError(f'{method} {url} -> {response.status}: {payload.get("message")}')
+            return payload
+
+    async def create(self, body: dict[str, Any], resource: kmock.resource = RUNS,
+                     namespace: str = NAMESPACE) -> dict[str, Any]:
+        return await self._json('post', self._url(resource, namespace), json=body)
+
+    async def get(self, name: str, resource: kmock.resource = RUNS, namespace: str = NAMESPACE) -> dict[str, Any]:
+        return await self._json('get', self._url(resource, namespace, name))
+
+    async def find(self, name: str, resource: kmock.resource = RUNS,
+                   namespace: str = NAMESPACE) -> dict[str, Any] | None:
+        async with self.emulator.get(self._url(resource, namespace, name)) as response:
+            return await response.json() if response.status == 200 else None
+
+    async def list(self, resource: kmock.resource, namespace: str = NAMESPACE, **params: str) -> list[dict[str, Any]]:
+        return (await self._json('get', self._url(resource, namespace), params=params))['items']
+
+    async def patch(self, name: str, patch: Any, resource: kmock.resource = RUNS, namespace: str = NAMESPACE,
+                    subresource: str | None = None, content_type: str = 'application/merge-patch+json',
+                    ) -> dict[str, Any]:
+        return await self._json('patch', self._url(resource, namespace, name, subresource), json=patch,
+                                headers={'Content-Type': content_type})
+
+    async def delete(self, name: str, resource: kmock.resource = RUNS, namespace: str = NAMESPACE) -> None:
+        await self._json('delete', self._url(resource, namespace, name))
+
+    async def wait_for(self, predicate: Callable[[], Any], *, timeout: float = 60, what: str = '') -> Any:
+        """Poll (in loop time, fast under looptime) until predicate() returns a truthy value."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            result = predicate()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return result
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f'timed out after {timeout}s waiting for {what or predicate}')
+            await asyncio.sleep(0.2)
+
+    async def wait_for_run(self, name: str, predicate: Callable[[dict[str, Any]], bool], *,
+                           timeout: float = 60, what: str = '') -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            run = await self.find(name)
+            return run if run is not None and predicate(run) else None
+        return await self.wait_for(check, timeout=timeout, what=what or f'run {name}')
+
+
+@pytest.fixture()
+def api(cluster: FaithfulEmulator) -> Api:
+    return Api(cluster)
+
+
+class LoopClock:
+    """Wall-clock time that advances with the event loop's (looptime-faked) time."""
+
+    def __init__(self) -> None:
+        self._origin = datetime.datetime(2026, 11, 25, 12, 0, 0, tzinfo=datetime.UTC)
+        self._loop = asyncio.get_running_loop()
+        self._start = self._loop.time()
+
+    def __call__(self) -> datetime.datetime:
+        return self._origin + datetime.timedelta(seconds=self._loop.time() - self._start)
+
+
+@pytest.fixture()
+async def clock() -> LoopClock:
+    return LoopClock()
+
+
+_INSIDE_OPERATOR: contextvars.ContextVar[bool] = contextvars.ContextVar('inside_operator', default=False)
+
+
+class _ForeignTasks(Collection[asyncio.Task[Any]]):
+    """Tasks created outside the operator, which kopf must not cancel when it stops.
+
+    kopf.operator() cancels every task created after it started, assuming they are its own.
+    In-process, that includes pytest-asyncio's test and teardown tasks. A task factory
+    records which tasks were created outside the operator's context; kopf ignores those.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        loop = asyncio.get_running_loop()
+        previous = loop.get_task_factory()
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+            task = previous(loop, coro, **kwargs) if previous else asyncio.Task(coro, loop=loop, **kwargs)
+            if not _INSIDE_OPERATOR.get():
+                self._tasks.add(task)
+            return task
+
+        loop.set_task_factory(factory)
+        self._tasks.update(asyncio.all_tasks(loop))
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._tasks
+
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        return iter(list(self._tasks))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+class OperatorRunner:
+    """Runs the real operator (trainguard.handlers) as a task in the test's event loop."""
+
+    def __init__(self, memo: kopf.Memo, registry: kopf.OperatorRegistry | None = None) -> None:
+        self.memo = memo
+        self.registry = registry
+        self._task: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+        self._foreign = _ForeignTasks()
+
+    async def start(self) -> None:
+        import trainguard.handlers  # noqa: F401  registers the handlers in kopf's default registry
+
+        self._stop = asyncio.Event()
+        ready = asyncio.Event()
+
+        async def run() -> None:
+            _INSIDE_OPERATOR.set(True)
+            tasks = await kopf.spawn_tasks(clusterwide=True, standalone=True, stop_flag=self._stop,
+                                           ready_flag=ready, memo=self.memo, registry=self.registry)
+            await kopf.run_tasks(tasks, ignored=self._foreign)
+
+        self._task = asyncio.create_task(run())
+        done, _ = await asyncio.wait([self._task, asyncio.ensure_future(ready.wait())],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:
+            self._task.result()  # re-raise why the operator died at start-up
+
+    async def stop(self) -> None:
+        if self._task is not None and self._stop is not None:
+            self._stop.set()
+            done, _ = await asyncio.wait([self._task], timeout=30)
+            assert done, 'the operator did not stop within 30s'
+            if not self._task.cancelled() and self._task.exception() is not None:
+                raise self._task.exception()
+            self._task = None
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+
+@pytest.fixture()
+def operator_memo(clock: LoopClock) -> kopf.Memo:
+    """What the operator's startup handler would build from the environment, with test overrides."""
+    return kopf.Memo(clock=clock)
+
+
+@pytest.fixture()
+async def operator(cluster: FaithfulEmulator, operator_memo: kopf.Memo) -> AsyncIterator[OperatorRunner]:
+    runner = OperatorRunner(operator_memo)
+    await runner.start()
+    try:
+        yield runner
+    finally:
+        await runner.stop()
