@@ -118,7 +118,8 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
                 target['attemptStartTime'] = format_time(now)
             if not status.get('startTime'):
                 target['startTime'] = format_time(now)
-        else:
+        elif pod.reason != 'PodPending' or status.get('phase') != 'Pending':
+            # A plain "pending" says less than PodCreated or Retrying, so it does not replace them.
             target.update(phase='Pending', reason=pod.reason, message=pod.message)
 
     running = target.get('phase', status.get('phase')) == 'Running'
