@@ -86,6 +86,10 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
     annotations = metadata.get('annotations') or {}
     rewrite = plan_rewrite(spec, (run.get('spec') or {}).get('hyperparameters') or {}, annotations, settings.limits)
     plan.spec_patch = rewrite.spec_patch
+    if plan.spec_patch and 'spec' in plan.spec_patch:
+        # The rewrite bumps metadata.generation by one; report the generation it produces, so
+        # the status is not patched a second time only to catch up with our own spec write.
+        target['observedGeneration'] += 1
     adjustments = [adjustment.to_api() for adjustment in rewrite.adjustments]
     if adjustments and status.get('adjustments') != adjustments:
         target['adjustments'] = adjustments
