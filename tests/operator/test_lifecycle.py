@@ -80,7 +80,8 @@ async def test_gpu_run_is_untouched(api, operator):
     assert 'adjustments' not in run['status'] and run['status']['device'] == 'gpu'
     pod = await api.get('gpu-1', resource=PODS)
     assert pod['spec']['containers'][0]['resources']['limits'] == {'nvidia.com/gpu': '1'}
-    assert {'key': 'dedicated', 'operator': 'Equal', 'value': 'ml', 'effect': 'NoSchedule'} in pod['spec']['tolerations']
+    toleration = {'key': 'dedicated', 'operator': 'Equal', 'value': 'ml', 'effect': 'NoSchedule'}
+    assert toleration in pod['spec']['tolerations']
 
 
 async def test_cpu_safety_off_is_untouched(api, operator):

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+
+from trainguard.domain.heartbeat import Heartbeat, parse_heartbeat
+from trainguard.domain.pods import PodState, observe_pod
+from trainguard.domain.stall import Healthy, Stalled, judge_stall
+
+T0 = datetime.datetime(2026, 11, 25, 12, 0, 0, tzinfo=datetime.UTC)
+GOOD = {'epoch': 1, 'epochs': 2, 'step': 8, 'steps': 16, 'loss': 0.4213, 'samplesPerSecond': 5.1,
+        'time': '2026-11-25T19:20:00Z'}
+
+
+def test_a_good_heartbeat_parses_with_percent():
+    beat = parse_heartbeat(json.dumps(GOOD))
+    assert isinstance(beat, Heartbeat) and beat.percent == 25
+    status = beat.to_status(T0)
+    assert status['lastProgressTime'] == '2026-11-25T12:00:00Z' and status['loss'] == 0.4213
+
+
+@pytest.mark.parametrize('text', [
+    '{not json', '[1, 2]', '"text"', json.dumps({**GOOD, 'epoch': 'one'}), json.dumps({**GOOD, 'steps': 0}),
+    json.dumps({**GOOD, 'loss': float('nan')}) .replace('NaN', '"nan"'), json.dumps({**GOOD, 'epoch': 3}),
+    json.dumps({**GOOD, 'step': 17}), json.dumps({'epoch': 1}),
+], ids=['not-json', 'list', 'string', 'epoch-text', 'zero-steps', 'loss-text', 'epoch-past-end', 'step-past-end',
+        'missing-fields'])
+def test_malformed_heartbeats_return_a_reason(text):
+    result = parse_heartbeat(text)
+    assert isinstance(result, str) and 'trainguard.io/progress' in result
+
+
+def test_no_heartbeat_is_none():
+    assert parse_heartbeat(None) is None and parse_heartbeat('') is None
+
+
+def running(**status):
+    return {'phase': 'Running', 'attemptStartTime': '2026-11-25T12:00:00Z', **status}
+
+
+def beat_at(seconds, **extra):
+    return {'lastProgressTime': (T0 + datetime.timedelta(seconds=seconds)).strftime('%Y-%m-%dT%H:%M:%SZ'),
+            'epoch': 1, 'epochs': 2, 'step': 8, 'steps': 16, 'loss': 0.42, **extra}
+
+
+@pytest.mark.parametrize(('status', 'after', 'verdict'), [
+    (running(), 599, Healthy),
+    (running(), 600, 'StartupTimeout'),
+    (running(progress=beat_at(10)), 309, Healthy),
+    (running(progress=beat_at(10)), 322, 'ProgressTimeout'),
+    (running(progress=beat_at(-100)), 500, Healthy),          # a beat from an earlier attempt
+    (running(progress=beat_at(-100)), 700, 'StartupTimeout'),
+    ({'phase': 'Pending'}, 10_000, Healthy),
+    ({'phase': 'Running'}, 10_000, Healthy),                    # not yet seen running: no clock started
+], ids=['startup-ok', 'startup-late', 'progress-ok', 'progress-late', 'old-beat-ok', 'old-beat-startup',
+        'pending', 'no-start'])
+def test_stall_decision(status, after, verdict):
+    result = judge_stall(status, T0 + datetime.timedelta(seconds=after), progress_timeout=300, startup_timeout=600)
+    if verdict is Healthy:
+        assert isinstance(result, Healthy)
+    else:
+        assert isinstance(result, Stalled) and result.reason == verdict
+
+
+def test_progress_stall_message():
+    result = judge_stall(running(progress=beat_at(10)), T0 + datetime.timedelta(seconds=322),
+                         progress_timeout=300, startup_timeout=600)
+    assert result.message == 'no progress for 312s (last: epoch 1/2, step 8/16, loss 0.42)'
+
+
+def pod(phase='Pending', state=None, **status):
+    body = {'spec': {'containers': [{'name': 'trainer', 'resources': {'limits': {'memory': '2Gi'}}}]},
+            'status': {'phase': phase, **status}}
+    if state:
+        body['status']['containerStatuses'] = [{'name': 'trainer', 'state': state}]
+    return body
+
+
+@pytest.mark.parametrize(('body', 'expected'), [
+    (pod(), PodState('Pending', 'PodPending', 'waiting for the trainer pod to start')),
+    (pod(state={'waiting': {'reason': 'ImagePullBackOff', 'message': 'back-off pulling'}}),
+     PodState('Pending', 'ImagePullBackOff', 'back-off pulling')),
+    (pod(state={'waiting': {'reason': 'ErrImagePull'}}), PodState('Pending', 'ErrImagePull', 'ErrImagePull')),
+    (pod(conditions=[{'type': 'PodScheduled', 'status': 'False', 'reason': 'Unschedulable',
+                      'message': '0/3 nodes have a GPU'}]),
+     PodState('Pending', 'Unschedulable', '0/3 nodes have a GPU')),
+    (pod('Running'), PodState('Running', 'Training', 'the trainer is running')),
+    (pod('Succeeded'), PodState('Succeeded', 'Completed', 'training finished')),
+    (pod('Failed', {'terminated': {'reason': 'OOMKilled', 'exitCode': 137}}),
+     PodState('Failed', 'OOMKilled', 'the trainer ran out of memory and was killed (limit 2Gi)')),
+    (pod('Failed', {'terminated': {'reason': 'Error', 'exitCode': 3}}),
+     PodState('Failed', 'PodFailed', 'the trainer exited with code 3')),
+    (pod('Failed', reason='Evicted', message='low on memory'), PodState('Failed', 'Evicted', 'low on memory')),
+], ids=['pending', 'image-pull-backoff', 'err-image-pull', 'unschedulable', 'running', 'succeeded', 'oom',
+        'exit-code', 'evicted'])
+def test_pod_phase_mapping(body, expected):
+    assert observe_pod(body) == expected

@@ -1,0 +1,92 @@
+"""The CPU-safety policy, row by row of the design's table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainguard.domain.policy import (
+    ORIGINAL_ANNOTATION,
+    CpuLimits,
+    apply_cpu_safety,
+    effective_device,
+    effective_gpus,
+    gpu_requested,
+    plan_rewrite,
+)
+from trainguard.domain.spec import parse_hyperparameters, parse_spec
+
+LIMITS = CpuLimits()
+
+
+def hp(**values):
+    return parse_hyperparameters({'batchSize': 32, 'numWorkers': 2, 'epochs': 2, 'learningRate': 0.01,
+                                  'resolution': 256, 'cropSize': 256, **values})
+
+
+@pytest.mark.parametrize(('given', 'field', 'old', 'new', 'line'), [
+    (hp(), 'numWorkers', 2, 0, '[CPU_OPTIMIZATION] Forcing num_workers=0 for CPU training (was 2)'),
+    (hp(), 'batchSize', 32, 4, '[CPU_OPTIMIZATION] Capping batch_size=4 for CPU training (was 32)'),
+    (hp(), 'resolution', 256, 128, '[CPU_OPTIMIZATION] Capping resolution=128 for CPU training (was 256)'),
+    (hp(), 'cropSize', 256, 128, '[CPU_OPTIMIZATION] Capping crop_size=128 for CPU training (was 256)'),
+    (hp(resolution=96, cropSize=96, batchSize=2, numWorkers=0), None, None, None, None),
+    (hp(resolution=200, cropSize=100), 'cropSize', None, None, None),
+], ids=['workers', 'batch', 'resolution', 'crop', 'inside-limits', 'crop-inside-effective-resolution'])
+def test_design_table_rows(given, field, old, new, line):
+    effective, adjustments = apply_cpu_safety(given, LIMITS)
+    by_field = {adjustment.field: adjustment for adjustment in adjustments}
+    if old is None:
+        assert field not in by_field
+    else:
+        assert (by_field[field].old, by_field[field].new) == (old, new)
+        assert by_field[field].log_line() == line
+    assert effective.epochs == given.epochs and effective.learning_rate == given.learning_rate
+
+
+def test_policy_is_idempotent():
+    once, _ = apply_cpu_safety(hp(), LIMITS)
+    twice, adjustments = apply_cpu_safety(once, LIMITS)
+    assert once == twice and adjustments == []
+
+
+def test_limits_are_configuration():
+    effective, _ = apply_cpu_safety(hp(), CpuLimits(num_workers=1, max_batch_size=8, max_resolution=192))
+    assert (effective.num_workers, effective.batch_size, effective.resolution, effective.crop_size) == (1, 8, 192, 192)
+
+
+@pytest.mark.parametrize(('spec', 'requested', 'device', 'gpus'), [
+    ({}, False, 'cpu', 0),
+    ({'device': 'gpu'}, True, 'gpu', 1),
+    ({'gpus': 2}, True, 'gpu', 2),
+    ({'resources': {'limits': {'nvidia.com/gpu': 1}}}, True, 'gpu', 0),
+    ({'resources': {'requests': {'amd.com/gpu': '1'}}}, True, 'gpu', 0),
+    ({'device': 'cpu'}, False, 'cpu', 0),
+    ({'device': 'cpu', 'resources': {'limits': {'nvidia.com/gpu': 1}}}, True, 'cpu', 0),
+], ids=['default', 'device-gpu', 'gpus', 'nvidia-resource', 'amd-resource', 'device-cpu', 'cpu-wins'])
+def test_gpu_requested(spec, requested, device, gpus):
+    parsed = parse_spec(spec)
+    assert gpu_requested(parsed) is requested
+    assert effective_device(parsed) == device
+    assert effective_gpus(parsed) == gpus
+
+
+def test_plan_rewrite_records_original_once():
+    raw = {'batchSize': 32, 'numWorkers': 2}
+    spec = parse_spec({'hyperparameters': raw})
+    first = plan_rewrite(spec, raw, {}, LIMITS)
+    assert first.spec_patch['spec']['hyperparameters']['batchSize'] == 4
+    recorded = first.spec_patch['metadata']['annotations'][ORIGINAL_ANNOTATION]
+    assert json.loads(recorded)['batchSize'] == 32
+    rewritten = parse_spec({'hyperparameters': first.spec_patch['spec']['hyperparameters']})
+    second = plan_rewrite(rewritten, first.spec_patch['spec']['hyperparameters'], {ORIGINAL_ANNOTATION: recorded},
+                          LIMITS)
+    assert second.spec_patch is None
+    assert [a.field for a in second.adjustments] == ['numWorkers', 'batchSize', 'resolution', 'cropSize']
+
+
+@pytest.mark.parametrize('spec', [{'device': 'gpu'}, {'cpuSafety': 'off'}], ids=['gpu', 'opt-out'])
+def test_plan_rewrite_leaves_gpu_and_opt_out_alone(spec):
+    parsed = parse_spec({**spec, 'hyperparameters': {'batchSize': 32}})
+    rewrite = plan_rewrite(parsed, {'batchSize': 32}, {}, LIMITS)
+    assert rewrite.spec_patch is None and rewrite.adjustments == []
