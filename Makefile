@@ -30,7 +30,7 @@ test-manifests: venv
 	$(BIN)/python -m pytest -q tests/manifests
 
 lint: venv
-	$(BIN)/ruff check operator trainer-image tests
+	$(BIN)/ruff check $(wildcard operator trainer-image tests benchmarks)
 	$(BIN)/lint-imports
 
 clean:

@@ -9,7 +9,9 @@ import pytest
 
 from tests.operator.conftest import EVENTS, NAMESPACE, PODS
 
-pytestmark = pytest.mark.looptime
+# Generous no-op cycles: kopf handler threads call the emulator over real sockets, and loop
+# time must not jump ahead while such a request is still in flight on a loaded machine.
+pytestmark = pytest.mark.looptime(noop_cycles=2000)
 
 CPU_RUN = {
     'apiVersion': 'trainguard.io/v1alpha1', 'kind': 'TrainingRun', 'metadata': {'name': 'cpu'},
@@ -39,6 +41,20 @@ async def beat(api, run: str, **progress: Any) -> None:
     payload = {'epoch': 1, 'epochs': 2, 'step': 1, 'steps': 16, 'loss': 0.9, 'samplesPerSecond': 5.0,
                'time': '2026-11-25T12:00:00Z', **progress}
     await api.patch(run, {'metadata': {'annotations': {'trainguard.io/progress': json.dumps(payload)}}})
+
+
+async def start_running(api, name: str, **spec: Any) -> dict[str, Any]:
+    """Create a CPU run and bring its first pod to Running, as the kubelet would."""
+    await api.create(run_body(name, device='cpu', **spec))
+    await api.wait_for_run(name, phase('Pending'))
+    await set_pod_phase(api, f'{name}-1', 'Running')
+    return await api.wait_for_run(name, phase('Running'))
+
+
+async def beat_and_wait(api, run: str, **progress: Any) -> dict[str, Any]:
+    await beat(api, run, **progress)
+    step = progress.get('step', 1)
+    return await api.wait_for_run(run, lambda r: (r['status'].get('progress') or {}).get('step') == step)
 
 
 async def events_of(api, run: str) -> list[dict[str, Any]]:
@@ -115,12 +131,8 @@ async def test_heartbeat_is_mirrored_and_success_is_terminal(api, operator):
 
 async def test_progress_stall_deletes_pod_and_fails(api, operator):
     await operator.start()
-    await api.create(run_body('hung', device='cpu'))
-    await api.wait_for_run('hung', phase('Pending'))
-    await set_pod_phase(api, 'hung-1', 'Running')
-    await api.wait_for_run('hung', phase('Running'))
-    await beat(api, 'hung', epoch=1, step=8, loss=0.42)
-    await api.wait_for_run('hung', lambda r: (r['status'].get('progress') or {}).get('step') == 8)
+    await start_running(api, 'hung')
+    await beat_and_wait(api, 'hung', epoch=1, step=8, loss=0.42)
     run = await api.wait_for_run('hung', phase('Failed'), timeout=60 + 15)
     assert run['status']['reason'] == 'ProgressTimeout'
     assert run['status']['message'].startswith('no progress for ')
@@ -176,16 +188,12 @@ async def test_pod_deleted_by_someone_else(api, operator):
 
 async def test_malformed_heartbeat_warns_and_changes_nothing(api, operator):
     await operator.start()
-    await api.create(run_body('noisy', device='cpu'))
-    await api.wait_for_run('noisy', phase('Pending'))
-    await set_pod_phase(api, 'noisy-1', 'Running')
-    before = await api.wait_for_run('noisy', phase('Running'))
+    before = await start_running(api, 'noisy')
     await api.patch('noisy', {'metadata': {'annotations': {'trainguard.io/progress': '{not json'}}})
     await api.wait_for(lambda: _has_event(api, 'noisy', 'MalformedProgress'), what='a Warning event')
     after = await api.get('noisy')
     assert after['status'] == before['status']
-    await beat(api, 'noisy', step=3)
-    await api.wait_for_run('noisy', lambda r: (r['status'].get('progress') or {}).get('step') == 3)
+    await beat_and_wait(api, 'noisy', step=3)
 
 
 async def _has_event(api, run: str, reason: str) -> bool:
@@ -205,12 +213,8 @@ async def test_invalid_spec_fails_and_others_keep_running(api, operator):
 
 async def test_restart_mid_run_neither_duplicates_nor_misses_the_deadline(api, operator):
     await operator.start()
-    await api.create(run_body('survivor', device='cpu'))
-    await api.wait_for_run('survivor', phase('Pending'))
-    await set_pod_phase(api, 'survivor-1', 'Running')
-    await api.wait_for_run('survivor', phase('Running'))
-    await beat(api, 'survivor', step=2)
-    await api.wait_for_run('survivor', lambda r: (r['status'].get('progress') or {}).get('step') == 2)
+    await start_running(api, 'survivor')
+    await beat_and_wait(api, 'survivor', step=2)
     await operator.stop()
     await operator.start()
     run = await api.wait_for_run('survivor', phase('Failed'), timeout=60 + 15)
