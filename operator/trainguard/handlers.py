@@ -37,7 +37,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     settings.persistence.finalizer = 'trainguard.io/finalizer'
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    if config.webhook:
+    if memo.get('webhook_server') is not None:
+        settings.admission.server = memo.webhook_server  # tests and the sandbox bring a plain-HTTP one
+    elif config.webhook:
+        # kopf serves HTTPS with a self-signed certificate and keeps the
+        # MutatingWebhookConfiguration named below up to date with it.
         settings.admission.server = kopf.WebhookServer(
             addr='0.0.0.0', port=config.webhook_port, host=config.webhook_host or None)
         settings.admission.managed = 'trainguard.io'

@@ -157,11 +157,9 @@ class _ForeignTasks(Collection[asyncio.Task[Any]]):
 class OperatorRunner:
     """Runs the real operator (trainguard.handlers) as a task in the test's event loop."""
 
-    def __init__(self, memo: kopf.Memo, registry: kopf.OperatorRegistry | None = None,
-                 settings: kopf.OperatorSettings | None = None) -> None:
+    def __init__(self, memo: kopf.Memo, registry: kopf.OperatorRegistry | None = None) -> None:
         self.memo = memo
         self.registry = registry
-        self.settings = settings
         self._task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
         self._foreign = _ForeignTasks()
@@ -175,8 +173,7 @@ class OperatorRunner:
         async def run() -> None:
             _INSIDE_OPERATOR.set(True)
             tasks = await kopf.spawn_tasks(clusterwide=True, standalone=True, stop_flag=self._stop,
-                                           ready_flag=ready, memo=self.memo, registry=self.registry,
-                                           settings=self.settings)
+                                           ready_flag=ready, memo=self.memo, registry=self.registry)
             await kopf.run_tasks(tasks, ignored=self._foreign)
 
         self._task = asyncio.create_task(run())

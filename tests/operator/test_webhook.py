@@ -59,10 +59,9 @@ def webhook_port() -> int:
 
 
 def webhook_runner(memo: kopf.Memo, port: int) -> OperatorRunner:
-    # kopf checks for an admission server before startup handlers run, so it comes in the settings.
-    settings = kopf.OperatorSettings()
-    settings.admission.server = kopf.WebhookServer(addr='127.0.0.1', port=port, insecure=True)
-    return OperatorRunner(memo, registry=register(kopf.OperatorRegistry(), webhook=True), settings=settings)
+    """The operator with the webhook registered; the startup handler installs the server, as in production."""
+    memo.webhook_server = kopf.WebhookServer(addr='127.0.0.1', port=port, insecure=True)
+    return OperatorRunner(memo, registry=register(kopf.OperatorRegistry(), webhook=True))
 
 
 async def test_admission_rewrites_a_cpu_run(cluster, operator_memo, webhook_port):
