@@ -14,11 +14,13 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
+__all__ = ['CEL_MIRRORS', 'CRD_PATH', 'ROOT', 'load_crd', 'validate_run']
+
 import jsonschema
-import yaml
+
+from trainguard.sandbox.cluster import CRD_PATH, load_crd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CRD_PATH = ROOT / 'manifests' / 'crd' / 'trainingruns.trainguard.io.yaml'
 
 CEL_MIRRORS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "self.device != 'cpu' || self.gpus == 0": lambda s: s['device'] != 'cpu' or s['gpus'] == 0,
@@ -27,10 +29,6 @@ CEL_MIRRORS: dict[str, Callable[[dict[str, Any]], bool]] = {
     'self.cropSize <= self.resolution': lambda s: s['cropSize'] <= s['resolution'],
     'size(self.strides) == size(self.channels) - 1': lambda s: len(s['strides']) == len(s['channels']) - 1,
 }
-
-
-def load_crd() -> dict[str, Any]:
-    return yaml.safe_load(CRD_PATH.read_text(encoding='utf-8'))
 
 
 def run_schema(crd: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import kubernetes
 from kubernetes.client import ApiException
 
 from trainguard import GROUP, PLURAL, VERSION
+from trainguard.domain.heartbeat import format_time
 
 log = logging.getLogger(__name__)
 MERGE_PATCH = 'application/merge-patch+json'
@@ -90,7 +91,7 @@ class KubeApi:
                    now: datetime.datetime) -> None:
         """A core/v1 Event on the run; failures are logged, never raised (events are best effort)."""
         metadata = run.get('metadata') or {}
-        stamp = now.astimezone(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
+        stamp = format_time(now)
         body = {
             'apiVersion': 'v1', 'kind': 'Event',
             'metadata': {'generateName': f'{metadata.get("name", "run")}.', 'namespace': metadata.get('namespace')},

@@ -18,7 +18,7 @@ from trainguard.domain import builders
 from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat
 from trainguard.domain.pods import PodState
 from trainguard.domain.policy import CpuLimits, effective_device, plan_rewrite
-from trainguard.domain.spec import RunSpec, SpecError, parse_spec
+from trainguard.domain.spec import Hyperparameters, RunSpec, SpecError, parse_spec
 from trainguard.domain.stall import Stalled, judge_stall
 
 TERMINAL_PHASES = frozenset({'Succeeded', 'Failed'})
@@ -145,7 +145,7 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
 
 
 def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec,
-                   hp: Any, attempt: int, settings: Settings, annotations: Mapping[str, str],
+                   hp: Hyperparameters, attempt: int, settings: Settings, annotations: Mapping[str, str],
                    reason: str, message: str) -> None:
     pod_settings = dataclasses.replace(settings.pod, heartbeat_seconds=settings.heartbeat_seconds(spec))
     plan.children += [
@@ -156,7 +156,7 @@ def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spe
                   podName=builders.pod_name(ref.name, attempt), attemptStartTime=None)
 
 
-def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec, hp: Any,
+def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec, hp: Hyperparameters,
                   attempts: int, settings: Settings, annotations: Mapping[str, str],
                   reason: str, message: str, now: datetime.datetime) -> None:
     if attempts < spec.backoff_limit + 1:
