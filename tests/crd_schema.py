@@ -14,11 +14,11 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ['CEL_MIRRORS', 'CRD_PATH', 'ROOT', 'load_crd', 'validate_run']
-
 import jsonschema
 
 from trainguard.sandbox.cluster import CRD_PATH, load_crd
+
+__all__ = ['CEL_MIRRORS', 'CRD_PATH', 'ROOT', 'load_crd', 'validate_run']
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
