@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+
+from trainguard_trainer.guards import cgroup_cpu_limit, decide_runtime, pick_device, safe_num_workers, torch_threads
+
+
+@pytest.mark.parametrize(('files', 'expected'), [
+    ({'cpu.max': '200000 100000\n'}, 2.0),
+    ({'cpu.max': '50000 100000\n'}, 0.5),
+    ({'cpu.max': 'max 100000\n'}, None),
+    ({'cpu/cpu.cfs_quota_us': '150000', 'cpu/cpu.cfs_period_us': '100000'}, 1.5),
+    ({'cpu.cfs_quota_us': '-1', 'cpu.cfs_period_us': '100000'}, None),
+    ({}, None),
+], ids=['v2-two', 'v2-half', 'v2-unlimited', 'v1-one-and-half', 'v1-unlimited', 'none'])
+def test_cgroup_cpu_limit(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(tmp_path) == expected
+
+
+@pytest.mark.parametrize(('limit', 'cores', 'threads'), [
+    (None, 8, 8), (2.0, 8, 2), (0.5, 8, 1), (16.0, 4, 4), (2.7, 8, 2)])
+def test_threads_follow_the_limit(limit, cores, threads):
+    assert torch_threads(limit, cores) == threads
+
+
+def test_workers_drop_to_zero_when_shm_is_too_small():
+    # Docker's default 64 MiB /dev/shm vs batch 32, 256px, 2 workers (the incident): 64 MiB needed + headroom.
+    workers, note = safe_num_workers(2, 32, 256, shm_free=60 * 2**20)
+    assert workers == 0 and note.startswith('[CPU_OPTIMIZATION] Forcing num_workers=0')
+    assert safe_num_workers(2, 4, 128, shm_free=64 * 2**20) == (2, None)
+    assert safe_num_workers(0, 32, 256, shm_free=0) == (0, None)
+
+
+@pytest.mark.parametrize(('requested', 'cuda', 'device'), [
+    ('auto', False, 'cpu'), ('auto', True, 'cuda'), ('gpu', False, 'cpu'), ('cuda', True, 'cuda'),
+    ('cpu', True, 'cpu')])
+def test_device(requested, cuda, device):
+    assert pick_device(requested, cuda) == device
+
+
+def test_decide_runtime_reads_the_fakes(tmp_path):
+    (tmp_path / 'cpu.max').write_text('100000 100000')
+    decision = decide_runtime('auto', 2, 32, 256, cuda_available=False, cgroup_root=tmp_path,
+                              shm_path=tmp_path / 'no-such-shm', cores=8)
+    assert (decision.device, decision.threads, decision.num_workers) == ('cpu', 1, 2)

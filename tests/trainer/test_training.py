@@ -1,0 +1,94 @@
+"""Real training on CPU with tiny sizes: outputs, resume, heartbeats, directory data."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.trainer.conftest import RecordingSender, replace
+from trainguard_trainer.data import DatasetError, directory_items
+from trainguard_trainer.train import build_model, train
+
+
+def test_default_model_has_the_documented_size():
+    from trainguard_trainer.config import TrainerConfig
+
+    assert sum(p.numel() for p in build_model(TrainerConfig()).parameters()) == 1_624_844
+
+
+def test_two_epochs_learn_and_write_outputs(tiny, sender):
+    result = train(replace(tiny, epochs=3, learning_rate=0.02), sender=sender)
+    losses = [row['train_loss'] for row in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    out = tiny.output_dir
+    assert (out / 'checkpoint.pt').stat().st_size > 0
+    assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    with (out / 'metrics.csv').open() as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row['epoch']) for row in rows] == [1, 2, 3]
+    assert all(0.0 <= float(row['val_dice']) <= 1.0 for row in rows)
+
+
+def test_resume_continues_from_the_checkpoint(tiny, sender):
+    first = train(replace(tiny, epochs=1), sender=sender)
+    assert first.start_epoch == 1
+    second = train(replace(tiny, epochs=2), sender=RecordingSender())
+    assert second.start_epoch == 2 and second.epochs_run == 1
+    assert [row['epoch'] for row in second.history] == [1, 2]
+    assert second.history[0] == first.history[0]
+
+
+def test_heartbeats_follow_steps_and_epochs(tiny, sender):
+    result = train(tiny, sender=sender, clock=lambda: 0.0)
+    # 16 training samples / batch 4 = 4 steps per epoch; the stopped clock never reaches the
+    # 10 s interval, so only the first step and each epoch end beat.
+    assert [(p['epoch'], p['step']) for p in sender.payloads] == [(1, 1), (1, 4), (2, 4)]
+    assert result.heartbeats == 3
+    first = sender.payloads[0]
+    assert set(first) == {'epoch', 'epochs', 'step', 'steps', 'loss', 'samplesPerSecond', 'time'}
+    assert first['epochs'] == 2 and first['steps'] == 4
+
+
+def test_heartbeat_failures_never_stop_training(tiny):
+    flaky = RecordingSender(fail_first=2)
+    result = train(tiny, sender=flaky)
+    assert len(result.history) == 2 and len(flaky.payloads) == 1
+
+
+def write_pairs(root, names, size=40):
+    (root / 'images').mkdir(parents=True)
+    (root / 'labels').mkdir(parents=True)
+    random = np.random.RandomState(0)
+    for name in names:
+        image = (random.rand(size, size) * 255).astype(np.uint8)
+        label = np.zeros((size, size), dtype=np.uint8)
+        label[10:25, 12:30] = 255
+        Image.fromarray(image).save(root / 'images' / f'{name}.png')
+        Image.fromarray(label).save(root / 'labels' / f'{name}.png')
+
+
+def test_directory_dataset_trains(tiny, tmp_path, sender):
+    write_pairs(tmp_path / 'data', [f'case{i}' for i in range(6)])
+    result = train(replace(tiny, dataset='directory', data_dir=tmp_path / 'data', epochs=1), sender=sender)
+    assert len(result.history) == 1
+
+
+@pytest.mark.parametrize(('layout', 'message'), [
+    ('missing', 'does not exist'),
+    ('empty', 'holds no PNG or NIfTI images'),
+    ('unmatched', 'do not match by name: a, b'),
+], ids=['missing', 'empty', 'unmatched'])
+def test_directory_dataset_errors(tmp_path, layout, message):
+    root = tmp_path / 'data'
+    if layout == 'empty':
+        (root / 'images').mkdir(parents=True)
+        (root / 'labels').mkdir()
+    elif layout == 'unmatched':
+        write_pairs(root, ['c'])
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / 'images' / 'a.png')
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / 'labels' / 'b.png')
+    with pytest.raises(DatasetError, match=message):
+        directory_items(root)

@@ -1,0 +1,5 @@
+import sys
+
+from trainguard_trainer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""Command line: every setting is a flag with a TRAINGUARD_* environment fallback.
+
+The operator passes settings as flags; the environment fallback serves local use and the
+run identity (TRAINGUARD_RUN_NAME, ...). A bad value, from either source, exits with code 2
+and a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from trainguard_trainer.config import TrainerConfig
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be an integer, got {text!r}') from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f'must be between {low} and {high}, got {value}')
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f'must be greater than 0, got {value}')
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(',') if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be comma-separated integers, got {text!r}') from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f'must be positive integers, got {text!r}')
+    return values
+
+
+# (flag, type, default, help); the environment variable is TRAINGUARD_ + the flag in upper snake case.
+OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
+    ('--device', None, 'auto', 'auto, cpu, gpu or cuda'),
+    ('--batch-size', _bounded_int(1, 4096), 4, 'samples per optimizer step'),
+    ('--num-workers', _bounded_int(0, 64), 0, 'DataLoader worker processes'),
+    ('--epochs', _bounded_int(1, 100000), 2, 'passes over the training set'),
+    ('--learning-rate', _positive_float, 0.01, 'Adam learning rate'),
+    ('--resolution', _bounded_int(16, 4096), 128, 'square size images are resized to'),
+    ('--crop-size', _bounded_int(16, 4096), 128, 'square random crop, <= resolution'),
+    ('--channels', _int_list, '16,32,64,128,256', 'UNet channels per level'),
+    ('--strides', _int_list, '2,2,2,2', 'UNet strides, one fewer than channels'),
+    ('--num-res-units', _bounded_int(0, 8), 2, 'residual units per block'),
+    ('--dataset', None, 'synthetic', 'synthetic or directory'),
+    ('--num-samples', _bounded_int(2, 100000), 64, 'synthetic pairs'),
+    ('--data-dir', pathlib.Path, '/data', 'folder with images/ and labels/ (directory dataset)'),
+    ('--output-dir', pathlib.Path, '/output', 'checkpoints, metrics.csv, curves.png'),
+    ('--seed', _bounded_int(0, 2**31 - 1), 0, 'random seed'),
+    ('--heartbeat-seconds', _positive_float, 10.0, 'minimum seconds between heartbeats'),
+    ('--log-every-steps', _bounded_int(1, 1_000_000), 10, 'progress line interval in steps'),
+    ('--run-name', None, '', 'TrainingRun to report progress to; empty: only log'),
+    ('--run-namespace', None, 'default', 'namespace of that TrainingRun'),
+    ('--simulate-hang-after-steps', _bounded_int(1, 10**9), None,
+     'demo/test switch: block the training loop forever after N steps'),
+]
+CHOICES = {'--device': ('auto', 'cpu', 'gpu', 'cuda'), '--dataset': ('synthetic', 'directory')}
+
+
+def env_name(flag: str) -> str:
+    return 'TRAINGUARD_' + flag.lstrip('-').replace('-', '_').upper()
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='trainguard-trainer', description='MONAI UNet segmentation training '
+                                     'with a progress heartbeat for trainguard.')
+    for flag, kind, default, text in OPTIONS:
+        variable = env_name(flag)
+        # argparse applies `type` to string defaults, so a bad environment value is reported
+        # against its flag exactly like a bad command-line value.
+        value = env.get(variable, default if default is None or isinstance(default, str) else str(default))
+        parser.add_argument(flag, type=kind, default=value, choices=CHOICES.get(flag),
+                            help=f'{text} (env {variable}, default {default})')
+    return parser
+
+
+def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    if args.crop_size > args.resolution:
+        parser.error(f'argument --crop-size: must be <= --resolution ({args.resolution}), got {args.crop_size}')
+    if len(args.strides) != len(args.channels) - 1:
+        parser.error(f'argument --strides: must have one entry fewer than --channels, got {len(args.strides)}')
+    return TrainerConfig(
+        device=args.device, batch_size=args.batch_size, num_workers=args.num_workers, epochs=args.epochs,
+        learning_rate=args.learning_rate, resolution=args.resolution, crop_size=args.crop_size,
+        channels=args.channels, strides=args.strides, num_res_units=args.num_res_units, dataset=args.dataset,
+        num_samples=args.num_samples, data_dir=args.data_dir, output_dir=args.output_dir, seed=args.seed,
+        heartbeat_seconds=args.heartbeat_seconds, log_every_steps=args.log_every_steps, run_name=args.run_name,
+        run_namespace=args.run_namespace, simulate_hang_after_steps=args.simulate_hang_after_steps,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', stream=sys.stdout)
+    config = parse_config(list(sys.argv[1:] if argv is None else argv), os.environ)
+    from trainguard_trainer.data import DatasetError
+    from trainguard_trainer.train import train  # imported after parsing: --help and bad flags stay fast
+
+    try:
+        train(config)
+    except DatasetError as error:
+        logging.getLogger('trainguard_trainer').error('dataset: %s', error)
+        return 3
+    return 0

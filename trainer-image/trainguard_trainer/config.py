@@ -1,0 +1,32 @@
+"""The trainer's configuration: one typed object built by the CLI (or by tests directly)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    device: str = 'auto'                 # auto | cpu | cuda (gpu is accepted as cuda)
+    batch_size: int = 4
+    num_workers: int = 0
+    epochs: int = 2
+    learning_rate: float = 0.01
+    resolution: int = 128
+    crop_size: int = 128
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 2
+    dataset: str = 'synthetic'           # synthetic | directory
+    num_samples: int = 64
+    data_dir: pathlib.Path = pathlib.Path('/data')
+    output_dir: pathlib.Path = pathlib.Path('/output')
+    validation_fraction: float = 0.2
+    seed: int = 0
+    heartbeat_seconds: float = 10.0
+    log_every_steps: int = 10
+    system_log_seconds: float = 30.0
+    run_name: str = ''                   # empty: local use, heartbeats are only logged
+    run_namespace: str = 'default'
+    simulate_hang_after_steps: int | None = None

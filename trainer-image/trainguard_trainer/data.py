@@ -1,0 +1,93 @@
+"""Datasets: MONAI's synthetic generator (no download) or images/ + labels/ pairs from a folder."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+from monai.data import create_test_image_2d
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Lambdad,
+    LoadImaged,
+    RandSpatialCropd,
+    Resized,
+    ScaleIntensityd,
+)
+
+IMAGE_SUFFIXES = ('.png', '.nii', '.nii.gz')
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def synthetic_items(num_samples: int, resolution: int, seed: int) -> list[dict[str, Any]]:
+    """Seeded circles-on-noise images and masks from MONAI, at the training resolution."""
+    random = np.random.RandomState(seed)
+    rad_max = max(2, resolution // 6)  # circles scale with the image so every size from 16px works
+    rad_min = max(1, rad_max // 2)
+    items = []
+    for _ in range(num_samples):
+        image, label = create_test_image_2d(resolution, resolution, num_objs=5, rad_max=rad_max, rad_min=rad_min,
+                                            noise_max=0.5, num_seg_classes=1, random_state=random)
+        items.append({'image': image.astype(np.float32), 'label': (label > 0).astype(np.float32)})
+    return items
+
+
+def _stem(path: pathlib.Path) -> str:
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def directory_items(root: pathlib.Path) -> list[dict[str, Any]]:
+    """Pairs matched by file name (without extension) between images/ and labels/."""
+    images_dir, labels_dir = root / 'images', root / 'labels'
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise DatasetError(f'{folder} does not exist: a directory dataset needs images/ and labels/')
+
+    def listing(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+        return {_stem(p): p for p in sorted(folder.iterdir()) if p.name.endswith(IMAGE_SUFFIXES)}
+
+    images, labels = listing(images_dir), listing(labels_dir)
+    if not images:
+        raise DatasetError(f'{images_dir} holds no PNG or NIfTI images')
+    unmatched = sorted(set(images) ^ set(labels))
+    if unmatched:
+        raise DatasetError(f'images and labels do not match by name: {", ".join(unmatched[:5])}'
+                           + (f' and {len(unmatched) - 5} more' if len(unmatched) > 5 else ''))
+    return [{'image': str(images[key]), 'label': str(labels[key])} for key in sorted(images)]
+
+
+def transforms(resolution: int, crop_size: int, from_files: bool, train: bool) -> Compose:
+    """Channel-first, intensity to [0, 1], resize to the resolution, random crop when training."""
+    keys = ('image', 'label')
+    steps: list[Any] = []
+    if from_files:
+        steps.append(LoadImaged(keys=keys, image_only=True))
+    steps += [
+        EnsureChannelFirstd(keys=keys, channel_dim='no_channel'),
+        ScaleIntensityd(keys='image'),
+        Resized(keys=keys, spatial_size=(resolution, resolution), mode=('bilinear', 'nearest')),
+        Lambdad(keys='label', func=lambda label: (label > 0).float() if hasattr(label, 'float') else label > 0),
+    ]
+    if train and crop_size < resolution:
+        steps.append(RandSpatialCropd(keys=keys, roi_size=(crop_size, crop_size), random_size=False))
+    steps.append(EnsureTyped(keys=keys, track_meta=False))
+    return Compose(steps)
+
+
+def split(items: list[dict[str, Any]], validation_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """A seeded hold-out split; at least one validation item."""
+    order = np.random.RandomState(seed + 1).permutation(len(items))
+    held_out = max(1, round(len(items) * validation_fraction))
+    if held_out >= len(items):
+        raise DatasetError(f'{len(items)} samples cannot be split into training and validation')
+    return [items[i] for i in order[held_out:]], [items[i] for i in order[:held_out]]

@@ -1,0 +1,101 @@
+"""CPU-runtime guards: threads from the container's CPU limit, workers that fit /dev/shm, the device.
+
+Inside containers, torch sees the node's cores, not the container's CPU quota, and
+oversubscribes threads; DataLoader workers pass batches through /dev/shm, which Docker
+caps at 64 MiB by default (batch 32 / 256px / 2 workers crashes with "unable to allocate
+shared memory"). These guards read the real limits and adapt before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import pathlib
+import shutil
+
+log = logging.getLogger(__name__)
+
+PREFETCH_FACTOR = 2  # torch DataLoader's default
+
+
+def cgroup_cpu_limit(root: pathlib.Path = pathlib.Path('/sys/fs/cgroup')) -> float | None:
+    """CPUs allowed by the cgroup quota (v2 cpu.max, else v1 cfs quota/period), None if unlimited."""
+    v2 = root / 'cpu.max'
+    try:
+        if v2.exists():
+            quota, _, period = v2.read_text().strip().partition(' ')
+            if quota != 'max':
+                return int(quota) / int(period or 100000)
+            return None
+        quota_file, period_file = root / 'cpu' / 'cpu.cfs_quota_us', root / 'cpu' / 'cpu.cfs_period_us'
+        if not quota_file.exists():
+            quota_file, period_file = root / 'cpu.cfs_quota_us', root / 'cpu.cfs_period_us'
+        if quota_file.exists():
+            quota_us = int(quota_file.read_text().strip())
+            if quota_us > 0:
+                return quota_us / int(period_file.read_text().strip())
+    except (OSError, ValueError) as error:
+        log.warning('could not read the cgroup CPU limit: %s', error)
+    return None
+
+
+def torch_threads(limit: float | None, cores: int) -> int:
+    """Threads = the CPU limit (at least 1), never more than the cores."""
+    if limit is None:
+        return max(1, cores)
+    return max(1, min(cores, math.floor(limit)))
+
+
+def loader_shm_bytes(batch_size: int, crop_size: int, num_workers: int) -> int:
+    """Bytes the DataLoader keeps in /dev/shm: workers x prefetch x one batch of float32 images and labels."""
+    batch_bytes = batch_size * crop_size * crop_size * 4 * 2
+    return num_workers * PREFETCH_FACTOR * batch_bytes
+
+
+def shm_free_bytes(path: pathlib.Path = pathlib.Path('/dev/shm')) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def safe_num_workers(num_workers: int, batch_size: int, crop_size: int, shm_free: int | None) -> tuple[int, str | None]:
+    """Drop to 0 workers, with a [CPU_OPTIMIZATION] line, when the loader would not fit /dev/shm."""
+    if num_workers == 0 or shm_free is None:
+        return num_workers, None
+    needed = loader_shm_bytes(batch_size, crop_size, num_workers)
+    if needed <= shm_free:
+        return num_workers, None
+    return 0, (f'[CPU_OPTIMIZATION] Forcing num_workers=0: /dev/shm has {shm_free / 2**20:.0f} MiB free, '
+               f'the DataLoader needs {needed / 2**20:.0f} MiB (was {num_workers})')
+
+
+def pick_device(requested: str, cuda_available: bool) -> str:
+    if requested in ('gpu', 'cuda'):
+        return 'cuda' if cuda_available else 'cpu'
+    if requested == 'auto':
+        return 'cuda' if cuda_available else 'cpu'
+    return 'cpu'
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeDecision:
+    device: str
+    threads: int
+    num_workers: int
+    notes: tuple[str, ...]
+
+
+def decide_runtime(requested_device: str, num_workers: int, batch_size: int, crop_size: int, *,
+                   cuda_available: bool, cgroup_root: pathlib.Path = pathlib.Path('/sys/fs/cgroup'),
+                   shm_path: pathlib.Path = pathlib.Path('/dev/shm'), cores: int | None = None) -> RuntimeDecision:
+    cores = cores or os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cgroup_root)
+    threads = torch_threads(limit, cores)
+    workers, note = safe_num_workers(num_workers, batch_size, crop_size, shm_free_bytes(shm_path))
+    notes = [f'torch threads = {threads} (CPU limit {limit if limit is not None else "none"}, {cores} cores)']
+    if note:
+        notes.append(note)
+    return RuntimeDecision(pick_device(requested_device, cuda_available), threads, workers, tuple(notes))

@@ -1,0 +1,80 @@
+"""The progress heartbeat: patched into the run's trainguard.io/progress annotation.
+
+It is called from the training loop after optimizer steps, never from a timer thread: a
+hung loop must stop beating, or the operator could not tell it is hung.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+ANNOTATION = 'trainguard.io/progress'
+
+
+class Sender(Protocol):
+    def __call__(self, payload: dict[str, Any]) -> None: ...
+
+
+def log_only(payload: dict[str, Any]) -> None:
+    log.info('heartbeat (no run configured): %s', json.dumps(payload))
+
+
+class KubernetesSender:
+    """Merge-patches the run's annotation with the official client (in-cluster, else $KUBECONFIG)."""
+
+    def __init__(self, name: str, namespace: str) -> None:
+        import kubernetes  # imported here: local runs without a cluster never need it
+
+        if os.environ.get('KUBERNETES_SERVICE_HOST'):
+            configuration = kubernetes.client.Configuration()
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+            client = kubernetes.client.ApiClient(configuration)
+        else:
+            client = kubernetes.config.new_client_from_config(
+                config_file=os.environ.get('KUBECONFIG') or os.path.expanduser('~/.kube/config'))
+        self._api = kubernetes.client.CustomObjectsApi(client)
+        self._name, self._namespace = name, namespace
+
+    def __call__(self, payload: dict[str, Any]) -> None:
+        self._api.patch_namespaced_custom_object(
+            'trainguard.io', 'v1alpha1', self._namespace, 'trainingruns', self._name,
+            {'metadata': {'annotations': {ANNOTATION: json.dumps(payload, sort_keys=True)}}},
+            _content_type='application/merge-patch+json')
+
+
+class Heartbeat:
+    """Rate-limits beats to one per interval, plus one at every epoch end; never raises."""
+
+    def __init__(self, sender: Sender, interval_seconds: float,
+                 clock: Callable[[], float], wall_clock: Callable[[], datetime.datetime]) -> None:
+        self._sender, self._interval = sender, interval_seconds
+        self._clock, self._wall_clock = clock, wall_clock
+        self._last: float | None = None
+        self.sent: int = 0
+        self.failed: int = 0
+
+    def beat(self, *, epoch: int, epochs: int, step: int, steps: int, loss: float, samples_per_second: float,
+             force: bool = False) -> bool:
+        now = self._clock()
+        if not force and self._last is not None and now - self._last < self._interval:
+            return False
+        payload = {
+            'epoch': epoch, 'epochs': epochs, 'step': step, 'steps': steps, 'loss': round(float(loss), 6),
+            'samplesPerSecond': round(float(samples_per_second), 3),
+            'time': self._wall_clock().astimezone(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ'),
+        }
+        self._last = now  # a failed beat also waits an interval: an API outage is not hammered every step
+        try:
+            self._sender(payload)
+        except Exception as error:  # the API being away must never stop training
+            self.failed += 1
+            log.warning('heartbeat failed (will retry at the next beat): %s', error)
+            return False
+        self.sent += 1
+        return True

@@ -1,0 +1,184 @@
+"""The training loop: MONAI UNet, DiceLoss, Adam; checkpoints, metrics, curves, heartbeats."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import torch
+from monai.data import DataLoader, Dataset
+from monai.losses import DiceLoss
+from monai.metrics import DiceMetric
+from monai.networks.nets import UNet
+
+from trainguard_trainer import data, guards
+from trainguard_trainer.config import TrainerConfig
+from trainguard_trainer.heartbeat import Heartbeat, KubernetesSender, Sender, log_only
+
+log = logging.getLogger('trainguard_trainer')
+CHECKPOINT = 'checkpoint.pt'
+METRICS = 'metrics.csv'
+CURVES = 'curves.png'
+
+
+@dataclasses.dataclass
+class Result:
+    epochs_run: int
+    start_epoch: int
+    history: list[dict[str, float]]
+    heartbeats: int
+    steps: int
+
+
+def build_model(config: TrainerConfig) -> UNet:
+    return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=config.channels,
+                strides=config.strides, num_res_units=config.num_res_units)
+
+
+def _loaders(config: TrainerConfig, num_workers: int) -> tuple[DataLoader, DataLoader]:
+    if config.dataset == 'directory':
+        items, from_files = data.directory_items(config.data_dir), True
+    else:
+        items, from_files = data.synthetic_items(config.num_samples, config.resolution, config.seed), False
+    train_items, val_items = data.split(items, config.validation_fraction, config.seed)
+    train_set = Dataset(train_items, data.transforms(config.resolution, config.crop_size, from_files, train=True))
+    val_set = Dataset(val_items, data.transforms(config.resolution, config.crop_size, from_files, train=False))
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=num_workers,
+                              generator=generator, drop_last=len(train_set) > config.batch_size)
+    val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=0)
+    return train_loader, val_loader
+
+
+def _system_line(stop: threading.Event, seconds: float) -> None:
+    """psutil summary on a timer: it describes the machine, so it may keep going while the loop hangs."""
+    process = psutil.Process()
+    psutil.cpu_percent()
+    while not stop.wait(seconds):
+        memory = psutil.virtual_memory()
+        log.info('system: cpu %.0f%%, rss %.0f MiB, available %.0f MiB', psutil.cpu_percent(),
+                 process.memory_info().rss / 2**20, memory.available / 2**20)
+
+
+def _evaluate(model: torch.nn.Module, loader: DataLoader, device: str) -> float:
+    metric = DiceMetric(include_background=True, reduction='mean')
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            prediction = (torch.sigmoid(model(batch['image'].to(device))) > 0.5).float()
+            metric(y_pred=prediction, y=batch['label'].to(device))
+    model.train()
+    value = float(metric.aggregate().item())
+    return value if value == value else 0.0  # NaN (no foreground anywhere) counts as 0
+
+
+def _write_outputs(config: TrainerConfig, history: list[dict[str, float]]) -> None:
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    with (config.output_dir / METRICS).open('w', newline='') as file:
+        writer = csv.DictWriter(file, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    epochs = [row['epoch'] for row in history]
+    axis.plot(epochs, [row['train_loss'] for row in history], marker='o', label='train Dice loss')
+    axis.plot(epochs, [row['val_dice'] for row in history], marker='s', label='validation Dice')
+    axis.set_xlabel('epoch')
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(config.output_dir / CURVES, dpi=100)
+    plt.close(figure)
+
+
+def _hang_forever(steps: int) -> None:
+    log.warning('simulating a hang after %d steps (--simulate-hang-after-steps): blocking forever', steps)
+    threading.Event().wait()
+
+
+def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callable[[], float] = time.monotonic,
+          wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+          cgroup_root: Any = None, shm_path: Any = None) -> Result:
+    decision = guards.decide_runtime(
+        config.device, config.num_workers, config.batch_size, config.crop_size,
+        cuda_available=torch.cuda.is_available(),
+        **({'cgroup_root': cgroup_root} if cgroup_root else {}), **({'shm_path': shm_path} if shm_path else {}))
+    torch.set_num_threads(decision.threads)
+    torch.manual_seed(config.seed)
+    for note in decision.notes:
+        log.info(note)
+    effective = {**dataclasses.asdict(config), 'device': decision.device, 'num_workers': decision.num_workers}
+    log.info('configuration: %s', json.dumps(effective, default=str, sort_keys=True))
+
+    if sender is None:
+        sender = KubernetesSender(config.run_name, config.run_namespace) if config.run_name else log_only
+    heartbeat = Heartbeat(sender, config.heartbeat_seconds, clock, wall_clock)
+    train_loader, val_loader = _loaders(config, decision.num_workers)
+    model = build_model(config).to(decision.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    loss_function = DiceLoss(sigmoid=True)
+
+    history: list[dict[str, float]] = []
+    start_epoch = 1
+    checkpoint_path = config.output_dir / CHECKPOINT
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=decision.device, weights_only=False)
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        history, start_epoch = state['history'], state['epoch'] + 1
+        log.info('resuming from %s: epoch %d of %d done', checkpoint_path, state['epoch'], config.epochs)
+
+    stop_system_log = threading.Event()
+    threading.Thread(target=_system_line, args=(stop_system_log, config.system_log_seconds), daemon=True).start()
+    steps_per_epoch = len(train_loader)
+    total_steps = 0
+    try:
+        for epoch in range(start_epoch, config.epochs + 1):
+            epoch_start, seen, loss_sum = clock(), 0, 0.0
+            for step, batch in enumerate(train_loader, start=1):
+                images, labels = batch['image'].to(decision.device), batch['label'].to(decision.device)
+                optimizer.zero_grad()
+                loss = loss_function(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                seen += images.shape[0]
+                loss_sum += float(loss.item()) * images.shape[0]
+                total_steps += 1
+                rate = seen / max(clock() - epoch_start, 1e-9)
+                heartbeat.beat(epoch=epoch, epochs=config.epochs, step=step, steps=steps_per_epoch,
+                               loss=float(loss.item()), samples_per_second=rate)
+                if step % config.log_every_steps == 0 or step == steps_per_epoch:
+                    remaining = (config.epochs - epoch) * steps_per_epoch + steps_per_epoch - step
+                    eta = remaining * (clock() - epoch_start) / step
+                    log.info('epoch %d/%d step %d/%d loss %.4f %.1f samples/s ETA %.0fs', epoch, config.epochs,
+                             step, steps_per_epoch, loss.item(), rate, eta)
+                if config.simulate_hang_after_steps is not None and total_steps >= config.simulate_hang_after_steps:
+                    _hang_forever(total_steps)
+            seconds = clock() - epoch_start
+            val_dice = _evaluate(model, val_loader, decision.device)
+            row = {'epoch': epoch, 'train_loss': round(loss_sum / max(seen, 1), 6), 'val_dice': round(val_dice, 6),
+                   'seconds': round(seconds, 3), 'samples_per_second': round(seen / max(seconds, 1e-9), 3)}
+            history.append(row)
+            log.info('epoch %d/%d done: train loss %.4f, validation Dice %.4f, %.1fs', epoch, config.epochs,
+                     row['train_loss'], val_dice, seconds)
+            config.output_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+                        'history': history}, checkpoint_path)
+            _write_outputs(config, history)
+            heartbeat.beat(epoch=epoch, epochs=config.epochs, step=steps_per_epoch, steps=steps_per_epoch,
+                           loss=row['train_loss'], samples_per_second=row['samples_per_second'], force=True)
+    finally:
+        stop_system_log.set()
+    return Result(config.epochs - start_epoch + 1, start_epoch, history, heartbeat.sent, total_steps)
