@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit test-operator test-trainer test-manifests lint demo bench clean
+.PHONY: venv test test-unit test-operator test-trainer test-manifests lint bench clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,13 @@ test-unit: venv
 
 test-operator: venv
 	$(BIN)/python -m pytest -q tests/operator
+
+test-trainer: venv
+	$(BIN)/python -m pytest -q tests/trainer
+
+# Benchmarks print figures (never timed assertions); results are recorded in benchmarks/README.md.
+bench: venv
+	$(BIN)/python benchmarks/trainer_speed.py
 
 test-manifests: venv
 	$(BIN)/python -m pytest -q tests/manifests

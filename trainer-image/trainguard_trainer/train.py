@@ -153,17 +153,18 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callabl
                 loss = loss_function(model(images), labels)
                 loss.backward()
                 optimizer.step()
+                loss_value = float(loss.item())  # one device sync per step, shared by the sum, beat and log
                 seen += images.shape[0]
-                loss_sum += float(loss.item()) * images.shape[0]
+                loss_sum += loss_value * images.shape[0]
                 total_steps += 1
                 rate = seen / max(clock() - epoch_start, 1e-9)
                 heartbeat.beat(epoch=epoch, epochs=config.epochs, step=step, steps=steps_per_epoch,
-                               loss=float(loss.item()), samples_per_second=rate)
+                               loss=loss_value, samples_per_second=rate)
                 if step % config.log_every_steps == 0 or step == steps_per_epoch:
                     remaining = (config.epochs - epoch) * steps_per_epoch + steps_per_epoch - step
                     eta = remaining * (clock() - epoch_start) / step
                     log.info('epoch %d/%d step %d/%d loss %.4f %.1f samples/s ETA %.0fs', epoch, config.epochs,
-                             step, steps_per_epoch, loss.item(), rate, eta)
+                             step, steps_per_epoch, loss_value, rate, eta)
                 if config.simulate_hang_after_steps is not None and total_steps >= config.simulate_hang_after_steps:
                     _hang_forever(total_steps)
             seconds = clock() - epoch_start

@@ -1,0 +1,107 @@
+"""Trainer benchmarks: overhead against the bare MONAI loop, and time to the first heartbeat.
+
+Prints figures; asserts nothing. Run with `make bench` (or `python benchmarks/trainer_speed.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import kmock
+import torch
+from monai.data import DataLoader, Dataset
+from monai.losses import DiceLoss
+
+from trainguard.sandbox.cluster import emulated_cluster
+from trainguard_trainer import data
+from trainguard_trainer.config import TrainerConfig
+from trainguard_trainer.train import build_model, train
+
+EPOCHS = 3
+CONFIG = TrainerConfig(device='cpu', batch_size=4, num_workers=0, epochs=EPOCHS, resolution=128, crop_size=128,
+                       num_samples=80, heartbeat_seconds=10.0, log_every_steps=10_000, system_log_seconds=3600)
+
+
+def bare_monai_loop(config: TrainerConfig) -> list[float]:
+    """The same model, data, transforms, loss and optimizer, with nothing of trainguard's around them."""
+    torch.manual_seed(config.seed)
+    items = data.synthetic_items(config.num_samples, config.resolution, config.seed)
+    train_items, _ = data.split(items, config.validation_fraction, config.seed)
+    loader = DataLoader(Dataset(train_items, data.transforms(config.resolution, config.crop_size, False, True)),
+                        batch_size=config.batch_size, shuffle=True, num_workers=0)
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    loss_function = DiceLoss(sigmoid=True)
+    rates = []
+    for _ in range(config.epochs):
+        start, seen = time.monotonic(), 0
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_function(model(batch['image']), batch['label'])
+            loss.backward()
+            optimizer.step()
+            seen += batch['image'].shape[0]
+        rates.append(seen / (time.monotonic() - start))
+    return rates
+
+
+def trainer_loop(config: TrainerConfig, output: pathlib.Path) -> list[float]:
+    result = train(dataclasses.replace(config, output_dir=output), sender=lambda payload: None)
+    return [row['samples_per_second'] for row in result.history]
+
+
+async def first_heartbeat_seconds(workdir: pathlib.Path) -> float:
+    """From process start to the first progress annotation stored by the (emulated) API server."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    async with emulated_cluster(workdir / 'kubeconfig') as emulator:
+        async with emulator.post('/apis/trainguard.io/v1alpha1/namespaces/default/trainingruns', json={
+                'apiVersion': 'trainguard.io/v1alpha1', 'kind': 'TrainingRun', 'metadata': {'name': 'bench'},
+                'spec': {}}):
+            pass
+        key = (kmock.resource('trainguard.io', 'v1alpha1', 'trainingruns'), 'default', 'bench')
+        start = time.monotonic()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, '-m', 'trainguard_trainer', '--device', 'cpu', '--batch-size', '4', '--resolution', '128',
+            '--crop-size', '128', '--num-samples', '16', '--epochs', '1', '--output-dir', str(workdir / 'out'),
+            env={**os.environ, 'KUBECONFIG': str(workdir / 'kubeconfig'), 'TRAINGUARD_RUN_NAME': 'bench'},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            while 'trainguard.io/progress' not in (emulator.objects[key].get('metadata', {}).get('annotations') or {}):
+                await asyncio.sleep(0.01)
+            return time.monotonic() - start
+        finally:
+            await process.wait()
+
+
+def main() -> None:
+    rounds = int(os.environ.get('BENCH_ROUNDS', '3'))
+    bare, guarded = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(rounds):  # interleaved, so drift of the machine hits both sides alike
+            bare += bare_monai_loop(CONFIG)[1:]          # the first epoch warms caches up
+            guarded += trainer_loop(CONFIG, pathlib.Path(tmp) / f'run{index}')[1:]
+        heartbeat = [asyncio.run(first_heartbeat_seconds(pathlib.Path(tmp) / f'hb{index}')) for index in range(rounds)]
+    figures = {
+        'machine': f'{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, '
+                   f'torch {torch.__version__}',
+        'settings': 'batch 4, 128px, 0 workers, default UNet (1.6M parameters), 64 training samples',
+        'bare_monai_samples_per_second_median': round(statistics.median(bare), 2),
+        'trainer_samples_per_second_median': round(statistics.median(guarded), 2),
+        'trainer_to_bare_ratio': round(statistics.median(guarded) / statistics.median(bare), 3),
+        'first_heartbeat_seconds_median': round(statistics.median(heartbeat), 2),
+        'first_heartbeat_seconds_all': [round(value, 2) for value in heartbeat],
+    }
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == '__main__':
+    main()
