@@ -1,0 +1,35 @@
+"""The pods the operator builds are accepted by the trainer's CLI, with the same settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainguard.domain import builders
+from trainguard.domain.policy import CpuLimits, apply_cpu_safety
+from trainguard.domain.spec import parse_spec
+from trainguard_trainer.cli import parse_config
+
+RUN = builders.RunRef('unet', 'ml', 'uid-1')
+
+
+@pytest.mark.parametrize('spec', [
+    {'hyperparameters': {'batchSize': 32, 'numWorkers': 2}},
+    {'device': 'gpu', 'model': {'channels': [8, 16, 32], 'strides': [2, 2], 'numResUnits': 1}},
+    {'dataset': {'source': 'directory', 'claimName': 'scans', 'path': '/scans'}},
+], ids=['cpu', 'gpu-small-model', 'directory'])
+def test_pod_args_and_env_parse_into_the_effective_settings(spec):
+    parsed = parse_spec(spec)
+    effective, _ = apply_cpu_safety(parsed.hyperparameters, CpuLimits()) if parsed.device != 'gpu' else (
+        parsed.hyperparameters, [])
+    pod = builders.build_pod(RUN, parsed, effective, 2, builders.PodSettings(image='img', heartbeat_seconds=7),
+                             simulate_hang_after_steps=3)
+    container = pod['spec']['containers'][0]
+    env = {item['name']: item['value'] for item in container['env']}
+    config = parse_config(container['args'], env)
+    assert (config.batch_size, config.num_workers, config.resolution, config.crop_size) == (
+        effective.batch_size, effective.num_workers, effective.resolution, effective.crop_size)
+    assert config.channels == parsed.model.channels and config.strides == parsed.model.strides
+    assert (config.run_name, config.run_namespace, config.heartbeat_seconds) == ('unet', 'ml', 7.0)
+    assert config.simulate_hang_after_steps == 3 and str(config.output_dir) == '/output'
+    if parsed.dataset.source == 'directory':
+        assert str(config.data_dir) == '/scans'
