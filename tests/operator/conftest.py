@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import datetime
 import pathlib
-import weakref
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import kmock
@@ -16,6 +14,7 @@ import pytest
 
 from trainguard.sandbox.cluster import emulated_cluster
 from trainguard.sandbox.emulator import FaithfulEmulator
+from trainguard.sandbox.inprocess import OperatorRunner
 
 RUNS = kmock.resource('trainguard.io', 'v1alpha1', 'trainingruns')
 PODS = kmock.resource('', 'v1', 'pods')
@@ -117,83 +116,6 @@ class LoopClock:
 @pytest.fixture()
 async def clock() -> LoopClock:
     return LoopClock()
-
-
-_INSIDE_OPERATOR: contextvars.ContextVar[bool] = contextvars.ContextVar('inside_operator', default=False)
-
-
-class _ForeignTasks(Collection[asyncio.Task[Any]]):
-    """Tasks created outside the operator, which kopf must not cancel when it stops.
-
-    kopf.operator() cancels every task created after it started, assuming they are its own.
-    In-process, that includes pytest-asyncio's test and teardown tasks. A task factory
-    records which tasks were created outside the operator's context; kopf ignores those.
-    """
-
-    def __init__(self) -> None:
-        self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
-        loop = asyncio.get_running_loop()
-        previous = loop.get_task_factory()
-
-        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
-            task = previous(loop, coro, **kwargs) if previous else asyncio.Task(coro, loop=loop, **kwargs)
-            if not _INSIDE_OPERATOR.get():
-                self._tasks.add(task)
-            return task
-
-        loop.set_task_factory(factory)
-        self._tasks.update(asyncio.all_tasks(loop))
-
-    def __contains__(self, task: object) -> bool:
-        return task in self._tasks
-
-    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
-        return iter(list(self._tasks))
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-
-class OperatorRunner:
-    """Runs the real operator (trainguard.handlers) as a task in the test's event loop."""
-
-    def __init__(self, memo: kopf.Memo, registry: kopf.OperatorRegistry | None = None) -> None:
-        self.memo = memo
-        self.registry = registry
-        self._task: asyncio.Task[None] | None = None
-        self._stop: asyncio.Event | None = None
-        self._foreign = _ForeignTasks()
-
-    async def start(self) -> None:
-        import trainguard.handlers  # noqa: F401  registers the handlers in kopf's default registry
-
-        self._stop = asyncio.Event()
-        ready = asyncio.Event()
-
-        async def run() -> None:
-            _INSIDE_OPERATOR.set(True)
-            tasks = await kopf.spawn_tasks(clusterwide=True, standalone=True, stop_flag=self._stop,
-                                           ready_flag=ready, memo=self.memo, registry=self.registry)
-            await kopf.run_tasks(tasks, ignored=self._foreign)
-
-        self._task = asyncio.create_task(run())
-        done, _ = await asyncio.wait([self._task, asyncio.ensure_future(ready.wait())],
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if self._task in done:
-            self._task.result()  # re-raise why the operator died at start-up
-
-    async def stop(self) -> None:
-        if self._task is not None and self._stop is not None:
-            self._stop.set()
-            done, _ = await asyncio.wait([self._task], timeout=30)
-            assert done, 'the operator did not stop within 30s'
-            if not self._task.cancelled() and self._task.exception() is not None:
-                raise self._task.exception()
-            self._task = None
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
 
 
 @pytest.fixture()
