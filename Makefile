@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit test-operator test-trainer test-manifests lint bench clean
+.PHONY: venv demo test test-unit test-operator test-trainer test-manifests lint bench clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev,trainer]'
 	touch $(STAMP)
+
+# The whole loop locally: emulated API server, the real operator, trainer pods as local processes.
+demo: venv
+	$(BIN)/trainguard-operator sandbox --demo --workdir $(CURDIR)/out/demo
 
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider

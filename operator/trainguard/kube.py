@@ -8,6 +8,7 @@ deadlock against the same loop's API emulator in tests.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -23,8 +24,18 @@ log = logging.getLogger(__name__)
 MERGE_PATCH = 'application/merge-patch+json'
 
 
+def _json(response: Any) -> dict[str, Any]:
+    return json.loads(response.data)
+
+
 class KubeApi:
-    """Typed calls for exactly what trainguard does; objects go in and come out as plain dicts."""
+    """Typed calls for exactly what trainguard does; objects go in and come out as plain dicts.
+
+    Responses are read as JSON, not as the client's pydantic models (``_preload_content=False``):
+    the models refuse objects with fields they consider required but a server left out (a
+    kubelet that has not reported ``imageID`` yet), and a refused response after a successful
+    delete would leave the run's status unwritten.
+    """
 
     def __init__(self, client: kubernetes.client.ApiClient) -> None:
         self.client = client
@@ -42,9 +53,6 @@ class KubeApi:
         config_file = os.environ.get('KUBECONFIG') or os.path.expanduser('~/.kube/config')
         return cls(kubernetes.config.new_client_from_config(config_file=config_file))
 
-    def _plain(self, model: Any) -> dict[str, Any]:
-        return self.client.sanitize_for_serialization(model)
-
     def create_if_absent(self, body: Mapping[str, Any]) -> bool:
         """Create a child; an existing one (a handler that ran twice) is left as it is."""
         namespace = body['metadata']['namespace']
@@ -55,7 +63,7 @@ class KubeApi:
             'RoleBinding': self.rbac.create_namespaced_role_binding,
         }[body['kind']]
         try:
-            create(namespace, dict(body))
+            create(namespace, dict(body), _preload_content=False)
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -64,7 +72,7 @@ class KubeApi:
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self._plain(self.core.read_namespaced_pod(name, namespace))
+            return _json(self.core.read_namespaced_pod(name, namespace, _preload_content=False))
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -72,7 +80,7 @@ class KubeApi:
 
     def delete_pod(self, namespace: str, name: str) -> bool:
         try:
-            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0, _preload_content=False)
         except ApiException as error:
             if error.status == 404:
                 return False

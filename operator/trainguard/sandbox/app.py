@@ -1,0 +1,94 @@
+"""The sandbox: emulated API server + the real operator + local trainer processes, in one process.
+
+A development sandbox, not a cluster: no scheduler, no resource limits, no admission
+webhooks, no RBAC. Production is a real cluster (see README, "Install on a cluster").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+from types import TracebackType
+from typing import Any
+
+import kopf
+import yaml
+
+from trainguard.domain.config import config_from_env
+from trainguard.sandbox.cluster import emulated_cluster
+from trainguard.sandbox.emulator import FaithfulEmulator
+from trainguard.sandbox.inprocess import OperatorRunner
+from trainguard.sandbox.pods import LocalPodRunner
+
+RUNS_PATH = '/apis/trainguard.io/v1alpha1/namespaces/{namespace}/trainingruns'
+
+
+class Sandbox:
+    def __init__(self, workdir: pathlib.Path, *, port: int | None = None, sweep_seconds: int = 2,
+                 env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.kubeconfig = workdir / 'kubeconfig'
+        self._port = port
+        self._env = {'TRAINGUARD_SWEEP_SECONDS': str(sweep_seconds), **(env or {})}
+        self._cluster: Any = None
+        self.emulator: FaithfulEmulator | None = None
+        self.runner: LocalPodRunner | None = None
+        self.operator: OperatorRunner | None = None
+        self._runner_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Sandbox:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._cluster = emulated_cluster(self.kubeconfig, port=self._port)
+        self.emulator = await self._cluster.__aenter__()
+        os.environ['KUBECONFIG'] = str(self.kubeconfig)  # the operator's login and client read it
+        self.runner = LocalPodRunner(self.api_url, self.kubeconfig, self.workdir)
+        self._runner_task = asyncio.create_task(self.runner.run_forever())
+        config = config_from_env({**os.environ, **self._env})
+        self.operator = OperatorRunner(kopf.Memo(config=config))
+        await self.operator.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        if self.operator is not None:
+            await self.operator.stop()
+        if self._runner_task is not None:
+            self._runner_task.cancel()
+            await asyncio.gather(self._runner_task, return_exceptions=True)
+        if self.runner is not None:
+            await self.runner.close()
+        await self._cluster.__aexit__(exc_type, exc, traceback)
+
+    @property
+    def api_url(self) -> str:
+        assert self.emulator is not None
+        return str(self.emulator.servers[0].url).rstrip('/')
+
+    async def apply(self, run: dict[str, Any], namespace: str = 'default') -> dict[str, Any]:
+        assert self.emulator is not None
+        async with self.emulator.post(RUNS_PATH.format(namespace=namespace), json=run) as response:
+            body = await response.json()
+            if response.status >= 400:
+                raise RuntimeError(f'could not create {run["metadata"]["name"]}: {body.get("message")}')
+            return body
+
+    async def runs(self, namespace: str = 'default') -> list[dict[str, Any]]:
+        assert self.emulator is not None
+        async with self.emulator.get(RUNS_PATH.format(namespace=namespace)) as response:
+            return (await response.json())['items']
+
+    async def run(self, name: str, namespace: str = 'default') -> dict[str, Any] | None:
+        assert self.emulator is not None
+        async with self.emulator.get(RUNS_PATH.format(namespace=namespace) + f'/{name}') as response:
+            return await response.json() if response.status == 200 else None
+
+    async def events(self, name: str, namespace: str = 'default') -> list[dict[str, Any]]:
+        assert self.emulator is not None
+        async with self.emulator.get(f'/api/v1/namespaces/{namespace}/events') as response:
+            items = (await response.json())['items']
+        return [event for event in items if event['involvedObject'].get('name') == name]
+
+
+def load_manifest(path: pathlib.Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text(encoding='utf-8'))
