@@ -1,0 +1,106 @@
+"""End to end on the sandbox: the real operator, real trainer processes, the emulated API. Real time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import time
+from typing import Any
+
+import pytest
+
+from trainguard.sandbox.app import Sandbox
+
+pytestmark = pytest.mark.timeout(240)
+
+TINY = {'device': 'cpu', 'cpuSafety': 'off',
+        'hyperparameters': {'batchSize': 4, 'numWorkers': 0, 'epochs': 2, 'resolution': 32, 'cropSize': 32},
+        'model': {'channels': [8, 16], 'strides': [2], 'numResUnits': 0},
+        'dataset': {'source': 'synthetic', 'numSamples': 15},
+        'progressTimeoutSeconds': 5, 'startupTimeoutSeconds': 90}
+
+
+def run(name: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    return {'apiVersion': 'trainguard.io/v1alpha1', 'kind': 'TrainingRun',
+            'metadata': {'name': name, 'annotations': annotations or {}}, 'spec': {**TINY, **spec}}
+
+
+async def wait_for(sandbox: Sandbox, name: str, phases: tuple[str, ...], timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = await sandbox.run(name)
+        if current and (current.get('status') or {}).get('phase') in phases:
+            return current
+        await asyncio.sleep(0.25)
+    raise AssertionError(f'{name} never reached {phases}: {(await sandbox.run(name) or {}).get("status")}')
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture()
+async def sandbox(tmp_path: pathlib.Path):
+    async with Sandbox(tmp_path, sweep_seconds=1) as running:
+        yield running
+
+
+def pods_of(sandbox: Sandbox, name: str) -> list[str]:
+    assert sandbox.runner is not None
+    return sorted(pod for (_, pod) in sandbox.runner.started if pod.rsplit('-', 1)[0] == name)
+
+
+async def test_healthy_run_succeeds_with_heartbeats_mirrored(sandbox):
+    await sandbox.apply(run('healthy'))
+    done = await wait_for(sandbox, 'healthy', ('Succeeded', 'Failed'))
+    status = done['status']
+    assert status['phase'] == 'Succeeded', status
+    assert status['progress']['percent'] == 100 and status['epoch'] == '2/2'
+    assert status['progress']['lastProgressTime'] and isinstance(status['progress']['loss'], float)
+    assert pods_of(sandbox, 'healthy') == ['healthy-1']
+
+
+async def test_hung_run_fails_within_its_timeout_and_the_process_is_killed(sandbox):
+    await sandbox.apply(run('hung', annotations={'trainguard.io/simulate-hang-after-steps': '2'}))
+    await wait_for(sandbox, 'hung', ('Running',))
+    last_beat = None
+    while last_beat is None:   # wait until the operator has mirrored a heartbeat
+        current = await sandbox.run('hung')
+        last_beat = ((current or {}).get('status') or {}).get('progress', {}).get('lastProgressTime')
+        await asyncio.sleep(0.1)
+    seen_at = time.monotonic()
+    failed = await wait_for(sandbox, 'hung', ('Failed', 'Succeeded'), timeout=60)
+    assert failed['status']['phase'] == 'Failed' and failed['status']['reason'] == 'ProgressTimeout'
+    assert time.monotonic() - seen_at <= 5 + 10
+    pid = sandbox.runner.started[('default', 'hung-1')]
+    await asyncio.sleep(0.5)
+    assert ('default', 'hung-1') in sandbox.runner.killed and not alive(pid)
+
+
+async def test_operator_restart_mid_run_completes_with_one_pod(sandbox):
+    await sandbox.apply(run('steady', hyperparameters={**TINY['hyperparameters'], 'epochs': 4}))
+    await wait_for(sandbox, 'steady', ('Running',))
+    await sandbox.operator.stop()
+    await asyncio.sleep(2)
+    await sandbox.operator.start()
+    done = await wait_for(sandbox, 'steady', ('Succeeded', 'Failed'))
+    assert done['status']['phase'] == 'Succeeded', done['status']
+    assert done['status']['attempts'] == 1 and pods_of(sandbox, 'steady') == ['steady-1']
+
+
+async def test_retry_resumes_from_the_first_attempts_checkpoint(sandbox):
+    # 12 training samples / batch 4 = 3 steps per epoch: attempt 1 finishes epoch 1 (checkpoint)
+    # and hangs in epoch 2; attempt 2 resumes at epoch 2 and has too few steps left to hang.
+    await sandbox.apply(run('resumer', annotations={'trainguard.io/simulate-hang-after-steps': '4'},
+                            backoffLimit=1, output={'claimName': 'resumer-output'}))
+    done = await wait_for(sandbox, 'resumer', ('Succeeded', 'Failed'), timeout=150)
+    assert done['status']['phase'] == 'Succeeded', done['status']
+    assert done['status']['attempts'] == 2 and pods_of(sandbox, 'resumer') == ['resumer-1', 'resumer-2']
+    second_log = (sandbox.workdir / 'pods' / 'default' / 'resumer-2.log').read_text()
+    assert 'resuming from' in second_log and 'epoch 1 of 2 done' in second_log
+    assert 'epoch 1/2 step' not in second_log
