@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pathlib
 from typing import Any
 
 import kopf
+import prometheus_client
 
 from trainguard import GROUP, PLURAL, VERSION
 from trainguard.domain.builders import RUN_LABEL
@@ -40,20 +42,31 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     if memo.get('webhook_server') is not None:
         settings.admission.server = memo.webhook_server  # tests and the sandbox bring a plain-HTTP one
     elif config.webhook:
-        # kopf serves HTTPS with a self-signed certificate and keeps the
-        # MutatingWebhookConfiguration named below up to date with it.
+        # kopf serves HTTPS (self-signed unless cert-manager's files are mounted) and keeps the
+        # MutatingWebhookConfiguration named below up to date with the CA bundle.
+        certs = pathlib.Path(config.webhook_cert_dir) if config.webhook_cert_dir else None
         settings.admission.server = kopf.WebhookServer(
-            addr='0.0.0.0', port=config.webhook_port, host=config.webhook_host or None)
+            addr='0.0.0.0', port=config.webhook_port, host=config.webhook_host or None,
+            certfile=certs / 'tls.crt' if certs else None, pkeyfile=certs / 'tls.key' if certs else None,
+            cafile=certs / 'ca.crt' if certs else None)
         settings.admission.managed = 'trainguard.io'
     api = memo.get('api') or KubeApi.from_environment()
     memo.runtime = Runtime(config=config, api=api, clock=memo.get('clock') or system_clock)
     memo.sweeper = asyncio.create_task(memo.runtime.sweep_forever(logger))
+    if config.metrics_port:
+        memo.metrics_server, _ = prometheus_client.start_http_server(
+            config.metrics_port, registry=memo.runtime.metrics.registry)
     logger.info('trainguard started: trainer image %s, CPU limits %s, namespaces %s, webhook %s',
                 config.settings.pod.image, config.settings.limits, config.namespaces or 'all',
                 'on' if config.webhook else 'off')
 
 
 async def stop(memo: kopf.Memo, **_: Any) -> None:
+    server = memo.get('metrics_server')
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+        memo.metrics_server = None
     sweeper = memo.get('sweeper')
     if sweeper is not None:
         sweeper.cancel()

@@ -22,6 +22,7 @@ from trainguard.domain.builders import RUN_LABEL
 from trainguard.domain.config import Config
 from trainguard.domain.pods import PodState, observe_pod
 from trainguard.kube import KubeApi
+from trainguard.metrics import Metrics
 
 Clock = Callable[[], datetime.datetime]
 RunKey = tuple[str, str]  # (namespace, name)
@@ -44,6 +45,10 @@ class Runtime:
         default_factory=lambda: collections.defaultdict(threading.Lock))
     _warned: dict[RunKey, str] = dataclasses.field(default_factory=dict)
     _guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    metrics: Metrics = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: list(self.runs.values()))
 
     # -- observing ------------------------------------------------------------------------
 
@@ -114,6 +119,11 @@ class Runtime:
             self.api.create_if_absent(child)
         if plan.status_patch:
             self._remember(key, self.api.patch_run_status(namespace, name, plan.status_patch))
+        if plan.stalled:
+            self.metrics.stalls.labels(plan.stalled).inc()
+        phase = (plan.status_patch or {}).get('phase')
+        if phase:
+            self.metrics.transitions.labels(phase).inc()
         for line in plan.logs:
             logger.info(line)
         now = self.clock()
@@ -144,4 +154,5 @@ class Runtime:
                 try:
                     await loop.run_in_executor(None, self.reconcile, key, logger)
                 except Exception:  # one run's problem never stops the sweep for the others
+                    self.metrics.reconcile_errors.inc()
                     logger.exception('reconciling %s/%s failed; will retry on the next sweep', *key)

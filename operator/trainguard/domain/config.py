@@ -30,6 +30,7 @@ class Config:
     webhook: bool
     webhook_host: str
     webhook_port: int
+    webhook_cert_dir: str              # tls.crt, tls.key, ca.crt (cert-manager); empty: kopf self-signs
     log_format: str                    # text | json
     sweep_seconds: float               # how often every run is re-checked for stalls
     metrics_port: int                  # 0: no Prometheus endpoint
@@ -79,6 +80,7 @@ def config_from_env(env: Mapping[str, str]) -> Config:
         webhook=webhook_enabled(env),
         webhook_host=env.get('TRAINGUARD_WEBHOOK_HOST', '').strip(),
         webhook_port=_int(env, 'TRAINGUARD_WEBHOOK_PORT', 9443, 1, 65535),
+        webhook_cert_dir=env.get('TRAINGUARD_WEBHOOK_CERT_DIR', '').strip(),
         log_format=_choice(env, 'TRAINGUARD_LOG_FORMAT', 'text', ('text', 'json')),
         sweep_seconds=float(sweep),
         metrics_port=_int(env, 'TRAINGUARD_METRICS_PORT', 0, 0, 65535),

@@ -62,6 +62,7 @@ class Plan:
     events: list[Event] = dataclasses.field(default_factory=list)
     logs: list[str] = dataclasses.field(default_factory=list)
     heartbeat_problem: str | None = None
+    stalled: str | None = None           # StartupTimeout | ProgressTimeout when this plan stops a hung attempt
 
     @property
     def empty(self) -> bool:
@@ -138,6 +139,7 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
         verdict = judge_stall({**status, **target}, now, progress_timeout=spec.progress_timeout_seconds,
                               startup_timeout=spec.startup_timeout_seconds)
         if isinstance(verdict, Stalled):
+            plan.stalled = verdict.reason
             plan.delete_pods.append(current_pod)  # the hung process dies with its pod
             _fail_attempt(plan, target, ref, spec, rewrite.effective, attempts, settings, annotations,
                           verdict.reason, verdict.message, now)
