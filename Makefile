@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools demo test test-unit test-operator test-trainer test-manifests lint bench clean
+.PHONY: venv tools demo kind-demo test test-unit test-operator test-trainer test-manifests lint bench clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ tools: $(BIN)/helm $(CHECKOV)
 # The whole loop locally: emulated API server, the real operator, trainer pods as local processes.
 demo: venv
 	$(BIN)/trainguard-operator sandbox --demo --workdir $(CURDIR)/out/demo
+
+# The same on a real local cluster (needs Docker and kind): images, helm install, samples.
+kind-demo:
+	scripts/kind-demo.sh
 
 test: venv tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -1,0 +1,64 @@
+"""End to end on a real cluster (kind): both images, the Helm chart, the samples, real phases.
+
+Skips cleanly without a Docker engine. In CI it runs in .github/workflows/e2e-kind.yaml.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.crd_schema import ROOT
+
+pytestmark = [pytest.mark.e2e_kind, pytest.mark.timeout(1800)]
+
+OPERATOR_IMAGE = 'trainguard/operator:e2e'
+TRAINER_IMAGE = 'trainguard/trainer:e2e'
+
+
+def run(*command: str, timeout: float = 900) -> str:
+    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+@pytest.fixture(scope='session')
+def installed(kind_cluster):
+    run('docker', 'build', '-f', str(ROOT / 'operator' / 'Dockerfile'), '-t', OPERATOR_IMAGE, str(ROOT))
+    run('docker', 'build', '-t', TRAINER_IMAGE, str(ROOT / 'trainer-image'))
+    kind_cluster.load_docker_image(OPERATOR_IMAGE)
+    kind_cluster.load_docker_image(TRAINER_IMAGE)
+    run('helm', 'install', 'trainguard', str(ROOT / 'charts' / 'trainguard'), '--kubeconfig',
+        str(kind_cluster.kubeconfig_path), '--namespace', 'trainguard-system', '--create-namespace', '--wait',
+        '--set', 'image.repository=trainguard/operator', '--set', 'image.tag=e2e',
+        '--set', 'image.pullPolicy=Never', '--set', 'operator.trainerImage.repository=trainguard/trainer',
+        '--set', 'operator.trainerImage.tag=e2e', '--set', 'operator.trainerImage.pullPolicy=Never')
+    yield kind_cluster
+
+
+@pytest.fixture(autouse=True)
+def dump_on_failure(request, installed):
+    yield
+    report = getattr(request.node, 'rep_call', None)
+    if report is not None and report.failed:
+        for args in (('logs', '-n', 'trainguard-system', 'deployment/trainguard', '--tail=200'),
+                     ('get', 'events', '-A', '--sort-by=.lastTimestamp'),
+                     ('get', 'tr,pods', '-A', '-o', 'wide')):
+            print(installed.kubectl(*args))
+
+
+def wait_for(cluster, name: str, jsonpath: str, timeout: str) -> None:
+    cluster.kubectl('wait', f'trainingrun/{name}', f'--for=jsonpath={jsonpath}', f'--timeout={timeout}')
+
+
+def test_cpu_run_is_rewritten_and_succeeds(installed):
+    installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'cpu-run.yaml'))
+    wait_for(installed, 'unet-cpu', '{.status.phase}=Succeeded', '900s')
+    batch = installed.kubectl('get', 'tr', 'unet-cpu', '-o', 'jsonpath={.spec.hyperparameters.batchSize}')
+    assert batch.strip() == '4'
+
+
+def test_hung_run_fails_with_progress_timeout(installed):
+    installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'hang-demo-run.yaml'))
+    wait_for(installed, 'unet-hang-demo', '{.status.reason}=ProgressTimeout', '600s')
+    pods = installed.kubectl('get', 'pods', '-l', 'trainguard.io/run=unet-hang-demo', '-o', 'name')
+    assert pods.strip() == ''
