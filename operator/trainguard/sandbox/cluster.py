@@ -46,9 +46,10 @@ async def emulated_cluster(
         namespaces: tuple[str, ...] = ('default',),
         port: int | None = None,
         crd: dict[str, Any] | None = None,
+        emulator: FaithfulEmulator | None = None,
 ) -> AsyncIterator[FaithfulEmulator]:
     """Serve the emulator on 127.0.0.1 with the bundled core resources and the TrainingRun CRD."""
-    emulator = FaithfulEmulator()
+    emulator = FaithfulEmulator() if emulator is None else emulator  # kmock handlers are falsy while empty
     emulator.resources.load_bundled()  # without core resources (namespaces) kopf stalls at start-up
     register_crd(emulator, crd or load_crd())
     ns_resource = kmock.resource('', 'v1', 'namespaces')
