@@ -40,7 +40,7 @@ class Runtime:
     clock: Clock = system_clock
     runs: dict[RunKey, dict[str, Any]] = dataclasses.field(default_factory=dict)
     pods: dict[RunKey, PodState | machine.PodAbsence] = dataclasses.field(default_factory=dict)
-    _pins: dict[RunKey, tuple[str, float]] = dataclasses.field(default_factory=dict)
+    _pins: dict[RunKey, tuple[dict[str, Any], float]] = dataclasses.field(default_factory=dict)
     _locks: collections.defaultdict[RunKey, threading.Lock] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(threading.Lock))
     _warned: dict[RunKey, str] = dataclasses.field(default_factory=dict)
@@ -53,14 +53,19 @@ class Runtime:
     # -- observing ------------------------------------------------------------------------
 
     def observe_run(self, body: Mapping[str, Any]) -> RunKey:
-        """Remember the newest run body; watch events older than our own last write are skipped."""
+        """Remember the newest run body; watch events from before our own last write are skipped.
+
+        resourceVersions are opaque (no ordering may be assumed), and kopf may merge several
+        events into one, so the event carrying our write's exact version can be skipped. But
+        only the operator writes the status: an event whose status equals the status we last
+        wrote is our write or newer; any other status is from before it.
+        """
         key = (body['metadata']['namespace'], body['metadata']['name'])
-        version = body['metadata'].get('resourceVersion', '')
         with self._guard:
             pin = self._pins.get(key)
             if pin is not None:
-                pinned_version, until = pin
-                if version == pinned_version or time.monotonic() > until:
+                written_status, until = pin
+                if (body.get('status') or {}) == written_status or time.monotonic() > until:
                     del self._pins[key]
                 else:
                     return key  # an event from before our write; our write's response is newer
@@ -87,7 +92,9 @@ class Runtime:
 
     def reconcile(self, key: RunKey, logger: logging.Logger | logging.LoggerAdapter[Any]) -> machine.Plan | None:
         """Decide from the freshest view and apply the plan; serialized per run across threads."""
-        with self._locks[key]:
+        with self._guard:  # defaultdict's insert is not atomic: two threads could get two locks
+            lock = self._locks[key]
+        with lock:
             run = self.runs.get(key)
             if run is None:
                 return None
@@ -140,7 +147,7 @@ class Runtime:
             return
         with self._guard:
             self.runs[key] = dict(body)
-            self._pins[key] = (body['metadata'].get('resourceVersion', ''), time.monotonic() + PIN_SECONDS)
+            self._pins[key] = (dict(body.get('status') or {}), time.monotonic() + PIN_SECONDS)
 
     # -- sweeping -------------------------------------------------------------------------
 

@@ -68,10 +68,11 @@ async def test_healthy_run_succeeds_with_heartbeats_mirrored(sandbox):
 async def test_hung_run_fails_within_its_timeout_and_the_process_is_killed(sandbox):
     await sandbox.apply(run('hung', annotations={'trainguard.io/simulate-hang-after-steps': '2'}))
     await wait_for(sandbox, 'hung', ('Running',))
-    last_beat = None
+    last_beat, deadline = None, time.monotonic() + 60
     while last_beat is None:   # wait until the operator has mirrored a heartbeat
         current = await sandbox.run('hung')
         last_beat = ((current or {}).get('status') or {}).get('progress', {}).get('lastProgressTime')
+        assert time.monotonic() < deadline, f'no heartbeat mirrored: {(current or {}).get("status")}'
         await asyncio.sleep(0.1)
     seen_at = time.monotonic()
     failed = await wait_for(sandbox, 'hung', ('Failed', 'Succeeded'), timeout=60)

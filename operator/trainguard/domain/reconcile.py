@@ -109,8 +109,11 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
         _fail_attempt(plan, target, ref, spec, rewrite.effective, attempts, settings, annotations,
                       'PodDeleted', f'trainer pod {current_pod} was deleted', now)
         return _conclude(plan, status, target, now)
+    beat = parse_heartbeat(annotations.get(PROGRESS_ANNOTATION))
     if isinstance(pod, PodState):
         if pod.phase == 'Succeeded':
+            # The last beat (epoch end) and the pod's exit can arrive together: mirror it too.
+            _mirror(target, status, beat, now)
             _finish(target, 'Succeeded', 'Succeeded', f'training finished in pod {current_pod}', now)
             return _conclude(plan, status, target, now)
         if pod.phase == 'Failed':
@@ -128,12 +131,10 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
             target.update(phase='Pending', reason=pod.reason, message=pod.message)
 
     running = target.get('phase', status.get('phase')) == 'Running'
-    beat = parse_heartbeat(annotations.get(PROGRESS_ANNOTATION))
     if isinstance(beat, str):
         plan.heartbeat_problem = beat
-    elif isinstance(beat, Heartbeat) and running and not beat.same_beat(status.get('progress') or {}):
-        target['progress'] = beat.to_status(now)
-        target['epoch'] = f'{beat.epoch}/{beat.epochs}'
+    elif running:
+        _mirror(target, status, beat, now)
 
     if running:
         verdict = judge_stall({**status, **target}, now, progress_timeout=spec.progress_timeout_seconds,
@@ -144,6 +145,14 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
             _fail_attempt(plan, target, ref, spec, rewrite.effective, attempts, settings, annotations,
                           verdict.reason, verdict.message, now)
     return _conclude(plan, status, target, now)
+
+
+def _mirror(target: dict[str, Any], status: Mapping[str, Any], beat: Heartbeat | str | None,
+            now: datetime.datetime) -> None:
+    """Copy a new heartbeat into the status, stamped with the operator's own clock."""
+    if isinstance(beat, Heartbeat) and not beat.same_beat(status.get('progress') or {}):
+        target['progress'] = beat.to_status(now)
+        target['epoch'] = f'{beat.epoch}/{beat.epochs}'
 
 
 def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec,
