@@ -1,0 +1,246 @@
+"""Operator at scale: bursts of TrainingRuns against the sandbox's emulator, the operator in its own process.
+
+The emulator (this process) plays a kubelet that makes every trainer pod Running at once
+and a trainer that heartbeats by patching annotations; the real operator runs as
+``trainguard-operator run`` in a child process, so its CPU time and memory are its own.
+
+Prints figures; asserts nothing. ``make bench`` runs the short version (N = 100 and 500,
+50 hung and 50 healthy runs); ``BENCH_FULL=1`` adds N = 1000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import attrs
+import kmock
+import psutil
+
+from trainguard.sandbox.cluster import emulated_cluster
+from trainguard.sandbox.emulator import FaithfulEmulator
+
+RUNS = kmock.resource('trainguard.io', 'v1alpha1', 'trainingruns')
+PODS = kmock.resource('', 'v1', 'pods')
+OPERATOR_AGENTS = ('kopf/', 'OpenAPI-Generator')
+WRITE_METHODS = {'POST', 'PATCH', 'PUT', 'DELETE'}
+
+
+@attrs.define(kw_only=True)
+class InstantKubelet(FaithfulEmulator):
+    """Every created trainer pod is Running immediately, and creation times are recorded."""
+
+    created_at: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
+
+    async def _create(self, request: Any) -> None:
+        await super()._create(request)
+        body = request.data
+        key = (request.resource.plural, body['metadata'].get('namespace'), body['metadata']['name'])
+        self.created_at[key] = time.monotonic()
+        if request.resource == PODS:
+            stored = (PODS, body['metadata']['namespace'], body['metadata']['name'])
+            running = copy.deepcopy(self.objects[stored].raw)
+            running['status'] = {'phase': 'Running', 'containerStatuses': [
+                {'name': 'trainer', 'ready': True, 'restartCount': 0, 'image': 'x', 'imageID': 'x',
+                 'state': {'running': {'startedAt': '2026-11-25T00:00:00Z'}}}]}
+            running['metadata']['resourceVersion'] = self._next_resource_version()
+            self.objects[stored].history.append(running)
+            await self._publish(PODS, 'MODIFIED', running)
+
+
+def run_body(name: str, **spec: Any) -> dict[str, Any]:
+    return {'apiVersion': 'trainguard.io/v1alpha1', 'kind': 'TrainingRun', 'metadata': {'name': name},
+            'spec': {'device': 'cpu', 'cpuSafety': 'off', 'progressTimeoutSeconds': 600,
+                     'startupTimeoutSeconds': 3600, **spec}}
+
+
+class Bench:
+    def __init__(self, emulator: InstantKubelet, kubeconfig: pathlib.Path) -> None:
+        self.emulator = emulator
+        self.kubeconfig = kubeconfig
+        self.process: subprocess.Popen[bytes] | None = None
+        self.peak_rss = 0
+        self.log = (kubeconfig.parent / 'operator.log').open('wb')
+
+    def start_operator(self) -> None:
+        env = {**os.environ, 'KUBECONFIG': str(self.kubeconfig), 'TRAINGUARD_SWEEP_SECONDS': '5'}
+        self.process = subprocess.Popen(
+            [sys.executable, '-m', 'trainguard.cli', 'run', '--standalone'],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop_operator(self) -> None:
+        if self.process:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+
+    def sample(self) -> psutil.Process:
+        assert self.process is not None
+        process = psutil.Process(self.process.pid)
+        self.peak_rss = max(self.peak_rss, process.memory_info().rss)
+        return process
+
+    def cpu_seconds(self) -> float:
+        times = self.sample().cpu_times()
+        return times.user + times.system
+
+    def requests(self) -> list[Any]:
+        return list(self.emulator)
+
+    async def post(self, path: str, body: dict[str, Any]) -> None:
+        async with self.emulator.post(path, json=body) as response:
+            assert response.status == 200, await response.text()
+
+    async def patch(self, path: str, body: dict[str, Any]) -> None:
+        async with self.emulator.patch(path, json=body,
+                                       headers={'Content-Type': 'application/merge-patch+json'}) as response:
+            assert response.status == 200, await response.text()
+
+    def status(self, name: str) -> dict[str, Any]:
+        key = (RUNS, 'default', name)
+        return self.emulator.objects[key].raw.get('status') or {} if key in self.emulator.objects else {}
+
+    async def wait(self, names: list[str], phase: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sample()
+            if all(self.status(name).get('phase') == phase for name in names):
+                return
+            await asyncio.sleep(0.2)
+        missing = [name for name in names if self.status(name).get('phase') != phase]
+        raise TimeoutError(f'{len(missing)} runs not {phase} after {timeout}s, e.g. {missing[:3]}: '
+                           f'{self.status(missing[0])}')
+
+
+def operator_calls(requests: list[Any]) -> list[Any]:
+    return [r for r in requests if r.resource is not None
+            if {k.lower(): v for k, v in r.headers.items()}.get('user-agent', '').startswith(OPERATOR_AGENTS)]
+
+
+def is_write(request: Any) -> bool:
+    return str(request.method).upper().split('.')[-1] in WRITE_METHODS
+
+
+async def burst(bench: Bench, n: int, prefix: str) -> dict[str, Any]:
+    before = len(bench.requests())
+    cpu_before = bench.cpu_seconds()
+    names = [f'{prefix}-{i}' for i in range(n)]
+    posted: dict[str, float] = {}
+    for name in names:
+        posted[name] = time.monotonic()
+        await bench.post('/apis/trainguard.io/v1alpha1/namespaces/default/trainingruns', run_body(name))
+    await bench.wait(names, 'Running', timeout=60 + n * 0.5)
+    await asyncio.sleep(2)  # let trailing Events land
+    calls = operator_calls(bench.requests()[before:])
+    writes = [c for c in calls if is_write(c)]
+    non_event_writes = [c for c in writes if c.resource.plural != 'events']
+    latencies = sorted(bench.emulator.created_at[('pods', 'default', f'{name}-1')] - posted[name] for name in names)
+    return {
+        'runs': n,
+        'requests_per_run': round(len(calls) / n, 2),
+        'writes_per_run_to_running': round(len(non_event_writes) / n, 2),
+        'events_per_run': round((len(writes) - len(non_event_writes)) / n, 2),
+        'create_to_pod_p50_s': round(latencies[len(latencies) // 2], 3),
+        'create_to_pod_p99_s': round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 3),
+        'operator_cpu_s_per_100_runs': round((bench.cpu_seconds() - cpu_before) * 100 / n, 2),
+        'operator_peak_rss_mib': round(bench.peak_rss / 2**20, 1),
+    }
+
+
+def beat_patch(step: int) -> dict[str, Any]:
+    payload = {'epoch': 1, 'epochs': 2, 'step': step, 'steps': 10_000, 'loss': 0.5, 'samplesPerSecond': 4.0,
+               'time': f'2026-11-25T00:00:{step % 60:02d}Z'}
+    return {'metadata': {'annotations': {'trainguard.io/progress': json.dumps(payload)}}}
+
+
+async def heartbeats(bench: Bench, names: list[str], beats: int) -> dict[str, Any]:
+    before = len(bench.requests())
+    for step in range(1, beats + 1):
+        for name in names:
+            await bench.patch(f'/apis/trainguard.io/v1alpha1/namespaces/default/trainingruns/{name}', beat_patch(step))
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(2)
+    calls = operator_calls(bench.requests()[before:])
+    return {'operator_requests_per_heartbeat': round(len(calls) / (len(names) * beats), 2),
+            'operator_writes_per_heartbeat': round(sum(map(is_write, calls)) / (len(names) * beats), 2)}
+
+
+async def stalls(bench: Bench, hung: int, healthy: int, timeout: int, duration: float) -> dict[str, Any]:
+    """Hung runs beat once then go silent; healthy runs beat every 10 s with the same timeout."""
+    hung_names = [f'hung-{i}' for i in range(hung)]
+    healthy_names = [f'healthy-{i}' for i in range(healthy)]
+    for name in hung_names + healthy_names:
+        await bench.post('/apis/trainguard.io/v1alpha1/namespaces/default/trainingruns',
+                         run_body(name, progressTimeoutSeconds=timeout))
+    await bench.wait(hung_names + healthy_names, 'Running', timeout=120)
+    silent_since: dict[str, float] = {}
+    for name in hung_names + healthy_names:
+        await bench.patch(f'/apis/trainguard.io/v1alpha1/namespaces/default/trainingruns/{name}', beat_patch(1))
+        silent_since[name] = time.monotonic()
+    detected: dict[str, float] = {}
+    start, step = time.monotonic(), 1
+    next_beat = start + 10
+    while time.monotonic() - start < duration:
+        bench.sample()
+        now = time.monotonic()
+        if now >= next_beat:
+            step += 1
+            for name in healthy_names:
+                await bench.patch(f'/apis/trainguard.io/v1alpha1/namespaces/default/trainingruns/{name}',
+                                  beat_patch(step))
+            next_beat += 10
+        for name in hung_names:
+            if name not in detected and bench.status(name).get('phase') == 'Failed':
+                detected[name] = now - silent_since[name]
+        await asyncio.sleep(0.2)
+    latencies = sorted(detected.values())
+    false_stalls = sum(bench.status(name).get('phase') == 'Failed' for name in healthy_names)
+    return {
+        'hung_runs': hung, 'progress_timeout_s': timeout, 'detected': len(detected),
+        'silence_to_failed_p50_s': round(statistics.median(latencies), 2) if latencies else None,
+        'silence_to_failed_max_s': round(latencies[-1], 2) if latencies else None,
+        'healthy_runs': healthy, 'false_stalls': false_stalls,
+    }
+
+
+async def main() -> None:
+    default_sizes = [100, 500, 1000] if os.environ.get('BENCH_FULL') else [100, 500]
+    sizes = [int(n) for n in os.environ.get('BENCH_SIZES', '').split(',') if n] or default_sizes
+    results: dict[str, Any] = {'machine': f'{os.cpu_count()} cores, Python {sys.version.split()[0]}'}
+    with tempfile.TemporaryDirectory() as tmp:
+        kubeconfig = pathlib.Path(tmp) / 'kubeconfig'
+        async with emulated_cluster(kubeconfig, emulator=InstantKubelet()) as emulator:
+            bench = Bench(emulator, kubeconfig)
+            bench.start_operator()
+            try:
+                await asyncio.sleep(3)
+                results['bursts'] = []
+                total = 0
+                for size in sizes:
+                    results['bursts'].append(await burst(bench, size, f'b{size}'))
+                    total += size
+                    print(json.dumps(results['bursts'][-1]), flush=True)
+                results['live_runs'] = total
+                results['heartbeats'] = await heartbeats(bench, [f'b100-{i}' for i in range(100)], beats=5)
+                print(json.dumps(results['heartbeats']), flush=True)
+                results['stalls'] = await stalls(bench, hung=50, healthy=50, timeout=20, duration=45)
+                results['operator_peak_rss_mib'] = round(bench.peak_rss / 2**20, 1)
+            except Exception:
+                bench.stop_operator()
+                print((kubeconfig.parent / 'operator.log').read_text()[-3000:], file=sys.stderr)
+                raise
+            finally:
+                bench.stop_operator()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+    asyncio.run(main())
