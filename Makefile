@@ -52,6 +52,7 @@ test-trainer: venv
 # Benchmarks print figures (never timed assertions); results are recorded in benchmarks/README.md.
 bench: venv
 	$(BIN)/python benchmarks/trainer_speed.py
+	$(BIN)/python benchmarks/operator_scale.py
 
 test-manifests: venv tools
 	$(BIN)/python -m pytest -q tests/manifests tests/chart

@@ -6,17 +6,20 @@ Prints figures; asserts nothing. Run with `make bench` (or `python benchmarks/tr
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
 import json
 import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 import kmock
+import psutil
 import torch
 from monai.data import DataLoader, Dataset
 from monai.losses import DiceLoss
@@ -82,6 +85,40 @@ async def first_heartbeat_seconds(workdir: pathlib.Path) -> float:
             await process.wait()
 
 
+SETTINGS = {
+    'original (batch 32, 2 workers, 256px)': ['--batch-size', '32', '--num-workers', '2', '--resolution', '256',
+                                              '--crop-size', '256'],
+    'cpu-safe (batch 4, 0 workers, 128px)': ['--batch-size', '4', '--num-workers', '0', '--resolution', '128',
+                                             '--crop-size', '128'],
+}
+
+
+def settings_comparison(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
+    """The incident's settings against the CPU-safe ones: one epoch each, in its own process."""
+    results = {}
+    for label, flags in SETTINGS.items():
+        output = workdir / label.split()[0]
+        command = [sys.executable, '-m', 'trainguard_trainer', '--device', 'cpu', '--epochs', '1',
+                   '--num-samples', '80', '--output-dir', str(output), '--log-every-steps', '1000', *flags]
+        process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peak = 0
+        while process.poll() is None:
+            try:
+                tree = [process, *process.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+        with (output / 'metrics.csv').open() as file:
+            row = list(csv.DictReader(file))[-1]
+        batch = int(flags[1])
+        steps = 64 // batch
+        results[label] = {'samples_per_second': float(row['samples_per_second']),
+                          'seconds_per_step': round(float(row['seconds']) / steps, 3),
+                          'peak_rss_mib': round(peak / 2**20)}
+    return results
+
+
 def main() -> None:
     rounds = int(os.environ.get('BENCH_ROUNDS', '3'))
     bare, guarded = [], []
@@ -90,6 +127,7 @@ def main() -> None:
             bare += bare_monai_loop(CONFIG)[1:]          # the first epoch warms caches up
             guarded += trainer_loop(CONFIG, pathlib.Path(tmp) / f'run{index}')[1:]
         heartbeat = [asyncio.run(first_heartbeat_seconds(pathlib.Path(tmp) / f'hb{index}')) for index in range(rounds)]
+        comparison = settings_comparison(pathlib.Path(tmp) / 'settings')
     figures = {
         'machine': f'{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, '
                    f'torch {torch.__version__}',
@@ -99,6 +137,7 @@ def main() -> None:
         'trainer_to_bare_ratio': round(statistics.median(guarded) / statistics.median(bare), 3),
         'first_heartbeat_seconds_median': round(statistics.median(heartbeat), 2),
         'first_heartbeat_seconds_all': [round(value, 2) for value in heartbeat],
+        'settings_comparison': comparison,
     }
     print(json.dumps(figures, indent=2))
 

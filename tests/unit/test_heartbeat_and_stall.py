@@ -97,3 +97,19 @@ def pod(phase='Pending', state=None, **status):
         'exit-code', 'evicted'])
 def test_pod_phase_mapping(body, expected):
     assert observe_pod(body) == expected
+
+
+@pytest.mark.parametrize(('status', 'spec', 'after', 'resync', 'due'), [
+    ({'phase': 'Succeeded'}, {}, 10_000, True, False),
+    ({'phase': 'Pending'}, {}, 0, False, False),
+    ({'phase': 'Pending'}, {}, 0, True, True),
+    (running(progress=beat_at(10)), {'progressTimeoutSeconds': 300}, 100, False, False),
+    (running(progress=beat_at(10)), {'progressTimeoutSeconds': 300}, 400, False, True),
+    (running(), {'startupTimeoutSeconds': 60}, 61, False, True),
+    (running(), {'startupTimeoutSeconds': 'soon'}, 0, False, True),
+], ids=['terminal', 'pending', 'pending-resync', 'running-healthy', 'running-stalled', 'startup-late', 'bad-spec'])
+def test_due_for_sweep(status, spec, after, resync, due):
+    from trainguard.domain.stall import due_for_sweep
+
+    run = {'status': status, 'spec': spec}
+    assert due_for_sweep(run, T0 + datetime.timedelta(seconds=after), resync=resync) is due

@@ -58,3 +58,23 @@ def describe_progress(progress: Mapping[str, Any]) -> str:
     if isinstance(progress.get('loss'), int | float):
         text += f", loss {progress['loss']:.2f}"
     return text
+
+
+def due_for_sweep(run: Mapping[str, Any], now: datetime.datetime, *, resync: bool) -> bool:
+    """Whether the periodic sweep must reconcile this run now.
+
+    Running runs past their deadline always are; the rest only on a full resync (which
+    retries writes that failed). Judging a deadline here is cheap, so a sweep over
+    thousands of live runs hands only the few that are due to the (slower) reconcile.
+    """
+    status = run.get('status') or {}
+    if status.get('phase') in ('Succeeded', 'Failed'):
+        return False
+    if status.get('phase') != 'Running':
+        return resync
+    spec = run.get('spec') or {}
+    progress, startup = spec.get('progressTimeoutSeconds', 300), spec.get('startupTimeoutSeconds', 600)
+    if not isinstance(progress, int) or not isinstance(startup, int):
+        return True  # let reconcile report the invalid spec
+    verdict = judge_stall(status, now, progress_timeout=progress, startup_timeout=startup)
+    return isinstance(verdict, Stalled) or resync
