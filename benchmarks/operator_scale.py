@@ -26,6 +26,7 @@ import attrs
 import kmock
 import psutil
 
+from trainguard.domain.heartbeat import parse_time
 from trainguard.sandbox.cluster import emulated_cluster
 from trainguard.sandbox.emulator import FaithfulEmulator
 
@@ -202,11 +203,19 @@ async def stalls(bench: Bench, hung: int, healthy: int, timeout: int, duration: 
                 detected[name] = now - silent_since[name]
         await asyncio.sleep(0.2)
     latencies = sorted(detected.values())
+    # The operator judges silence from when *it* saw the last beat (status.progress.lastProgressTime);
+    # the gap between that and completionTime is the detection delay it controls. The rest of
+    # the wall-clock delay is how far its watch lagged behind the API under this load.
+    observed = sorted(
+        (parse_time(bench.status(name)['completionTime']) -
+         parse_time(bench.status(name)['progress']['lastProgressTime'])).total_seconds()
+        for name in detected)
     false_stalls = sum(bench.status(name).get('phase') == 'Failed' for name in healthy_names)
     return {
         'hung_runs': hung, 'progress_timeout_s': timeout, 'detected': len(detected),
         'silence_to_failed_p50_s': round(statistics.median(latencies), 2) if latencies else None,
         'silence_to_failed_max_s': round(latencies[-1], 2) if latencies else None,
+        'operator_observed_silence_max_s': observed[-1] if observed else None,
         'healthy_runs': healthy, 'false_stalls': false_stalls,
     }
 
