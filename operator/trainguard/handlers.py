@@ -71,6 +71,9 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     if sweeper is not None:
         sweeper.cancel()
         await asyncio.gather(sweeper, return_exceptions=True)
+    runtime = memo.get('runtime')
+    if runtime is not None:
+        runtime.close()
 
 
 def on_run_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
