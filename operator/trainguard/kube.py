@@ -25,6 +25,7 @@ MERGE_PATCH = 'application/merge-patch+json'
 
 
 def _json(response: Any) -> dict[str, Any]:
+    """Read the whole body: it also hands the connection back to the pool."""
     return json.loads(response.data)
 
 
@@ -63,7 +64,7 @@ class KubeApi:
             'RoleBinding': self.rbac.create_namespaced_role_binding,
         }[body['kind']]
         try:
-            create(namespace, dict(body), _preload_content=False)
+            _json(create(namespace, dict(body), _preload_content=False))
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -80,7 +81,7 @@ class KubeApi:
 
     def delete_pod(self, namespace: str, name: str) -> bool:
         try:
-            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0, _preload_content=False)
+            _json(self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0, _preload_content=False))
         except ApiException as error:
             if error.status == 404:
                 return False
