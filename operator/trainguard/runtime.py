@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from trainguard.domain import reconcile as machine
-from trainguard.domain.builders import RUN_LABEL
+from trainguard.domain.builders import RUN_LABEL, pod_name
 from trainguard.domain.config import Config
 from trainguard.domain.pods import PodState, observe_pod
 from trainguard.domain.stall import due_for_sweep
@@ -53,12 +53,10 @@ class Runtime:
     _guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     metrics: Metrics = dataclasses.field(init=False)
     _sweep_executor: concurrent.futures.ThreadPoolExecutor = dataclasses.field(init=False)
-    _sweep_slots: asyncio.Semaphore = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: list(self.runs.values()))
         self._sweep_executor = concurrent.futures.ThreadPoolExecutor(SWEEP_WORKERS, thread_name_prefix='sweep')
-        self._sweep_slots = asyncio.Semaphore(SWEEP_WORKERS)
 
     # -- observing ------------------------------------------------------------------------
 
@@ -84,9 +82,13 @@ class Runtime:
 
     def forget_run(self, key: RunKey) -> None:
         with self._guard:
-            self.runs.pop(key, None)
+            run = self.runs.pop(key, None)
             self._pins.pop(key, None)
             self._warned.pop(key, None)
+            self._locks.pop(key, None)
+        attempts = int(((run or {}).get('status') or {}).get('attempts') or 0)
+        for attempt in range(1, attempts + 1):  # its pods go with it (garbage collector)
+            self.pods.pop((key[0], pod_name(key[1], attempt)), None)
 
     def observe_pod(self, event_type: str, pod: Mapping[str, Any]) -> RunKey | None:
         metadata = pod.get('metadata') or {}
@@ -127,9 +129,9 @@ class Runtime:
     def _apply(self, key: RunKey, run: Mapping[str, Any], plan: machine.Plan,
                logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
         namespace, name = key
-        for pod_name in plan.delete_pods:
-            self.api.delete_pod(namespace, pod_name)
-            self.pods[(namespace, pod_name)] = machine.PodAbsence.GONE
+        for doomed in plan.delete_pods:
+            self.api.delete_pod(namespace, doomed)
+            self.pods[(namespace, doomed)] = machine.PodAbsence.GONE
         if plan.spec_patch:
             self._remember(key, self.api.patch_run(namespace, name, plan.spec_patch))
         for child in plan.children:
@@ -185,9 +187,8 @@ class Runtime:
         self._sweep_executor.shutdown(wait=False, cancel_futures=True)
 
     async def _sweep_one(self, loop: asyncio.AbstractEventLoop, key: RunKey, logger: logging.Logger) -> None:
-        async with self._sweep_slots:
-            try:
-                await loop.run_in_executor(self._sweep_executor, self.reconcile, key, logger)
-            except Exception:  # one run's problem never stops the sweep for the others
-                self.metrics.reconcile_errors.inc()
-                logger.exception('reconciling %s/%s failed; will retry on the next sweep', *key)
+        try:  # the pool's size bounds how many runs are reconciled at once
+            await loop.run_in_executor(self._sweep_executor, self.reconcile, key, logger)
+        except Exception:  # one run's problem never stops the sweep for the others
+            self.metrics.reconcile_errors.inc()
+            logger.exception('reconciling %s/%s failed; will retry on the next sweep', *key)

@@ -31,3 +31,11 @@ def test_a_merged_event_newer_than_our_write_is_taken():
     assert view.runs[('ns', 'r')]['metadata']['annotations'] == {'trainguard.io/progress': '{}'}
     view.observe_run(body('5', {'phase': 'Running'}, {'trainguard.io/progress': '{"step": 2}'}))
     assert view.runs[('ns', 'r')]['metadata']['resourceVersion'] == '5'
+
+
+def test_a_deleted_run_leaves_nothing_behind():
+    view = runtime()
+    view.observe_run(body('1', {'phase': 'Running', 'attempts': 2}))
+    view.pods[('ns', 'r-1')] = view.pods[('ns', 'r-2')] = view.pods[('ns', 'other-1')] = None
+    view.forget_run(('ns', 'r'))
+    assert view.runs == {} and list(view.pods) == [('ns', 'other-1')]
