@@ -168,7 +168,12 @@ async def heartbeats(bench: Bench, names: list[str], beats: int) -> dict[str, An
         for name in names:
             await bench.patch(f'/apis/trainguard.io/v1alpha1/namespaces/default/trainingruns/{name}', beat_patch(step))
         await asyncio.sleep(0.5)
-    await asyncio.sleep(2)
+    # Count once the operator has mirrored every run's last beat, not after a fixed pause.
+    deadline = time.monotonic() + 60
+    while any((bench.status(name).get('progress') or {}).get('step') != beats for name in names):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'the operator did not mirror beat {beats} of every run within 60 s')
+        await asyncio.sleep(0.2)
     calls = operator_calls(bench.requests()[before:])
     return {'operator_requests_per_heartbeat': round(len(calls) / (len(names) * beats), 2),
             'operator_writes_per_heartbeat': round(sum(map(is_write, calls)) / (len(names) * beats), 2)}
@@ -238,7 +243,9 @@ async def main() -> None:
                     total += size
                     print(json.dumps(results['bursts'][-1]), flush=True)
                 results['live_runs'] = total
-                results['heartbeats'] = await heartbeats(bench, [f'b100-{i}' for i in range(100)], beats=5)
+                first = sizes[0]  # the first burst's runs (any BENCH_SIZES) carry the heartbeat phase
+                results['heartbeats'] = await heartbeats(bench, [f'b{first}-{i}' for i in range(min(first, 100))],
+                                                         beats=5)
                 print(json.dumps(results['heartbeats']), flush=True)
                 results['stalls'] = await stalls(bench, hung=50, healthy=50, timeout=20, duration=45)
                 results['operator_peak_rss_mib'] = round(bench.peak_rss / 2**20, 1)

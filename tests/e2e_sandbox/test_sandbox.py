@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
 import time
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 
 from trainguard.sandbox.app import Sandbox
+from trainguard.sandbox.pods import process_group_gone
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,14 +36,6 @@ async def wait_for(sandbox: Sandbox, name: str, phases: tuple[str, ...], timeout
     raise AssertionError(f'{name} never reached {phases}: {(await sandbox.run(name) or {}).get("status")}')
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture()
 async def sandbox(tmp_path: pathlib.Path):
     async with Sandbox(tmp_path, sweep_seconds=1) as running:
@@ -52,7 +44,7 @@ async def sandbox(tmp_path: pathlib.Path):
 
 def pods_of(sandbox: Sandbox, name: str) -> list[str]:
     assert sandbox.runner is not None
-    return sorted(pod for (_, pod) in sandbox.runner.started if pod.rsplit('-', 1)[0] == name)
+    return sorted(pod.name for pod in sandbox.runner.instances if pod.name.rsplit('-', 1)[0] == name)
 
 
 async def test_healthy_run_succeeds_with_heartbeats_mirrored(sandbox):
@@ -78,9 +70,10 @@ async def test_hung_run_fails_within_its_timeout_and_the_process_is_killed(sandb
     failed = await wait_for(sandbox, 'hung', ('Failed', 'Succeeded'), timeout=60)
     assert failed['status']['phase'] == 'Failed' and failed['status']['reason'] == 'ProgressTimeout'
     assert time.monotonic() - seen_at <= 5 + 10
-    pid = sandbox.runner.started[('default', 'hung-1')]
-    await asyncio.sleep(0.5)
-    assert ('default', 'hung-1') in sandbox.runner.killed and not alive(pid)
+    # The runner sees the pod's deletion at its next poll: wait for that, not for a fixed time.
+    [instance] = sandbox.runner.instances_of('default', 'hung-1')
+    await sandbox.runner.wait_stopped([instance], timeout=10)
+    assert instance.killed and process_group_gone(instance.pid)
 
 
 async def test_operator_restart_mid_run_completes_with_one_pod(sandbox):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -35,25 +37,41 @@ def test_bad_values_exit_2_naming_the_flag(argv, env, flag):
     assert f'argument {flag}' in process.stderr
 
 
+def _wait_for_log(log: pathlib.Path, process: subprocess.Popen, predicate, what: str, timeout: float = 60) -> str:
+    """The log once predicate(text) holds; fails naming what it waited for, or if the trainer exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text()
+        if predicate(text):
+            return text
+        assert process.poll() is None, f'the trainer exited while waiting for {what}:\n{text}'
+        assert time.monotonic() < deadline, f'timed out after {timeout}s waiting for {what}:\n{text}'
+        time.sleep(0.05)
+
+
 def test_hang_switch_blocks_the_loop_and_stops_the_heartbeat(tmp_path):
+    # 16 training samples / batch 4 = 4 steps an epoch, so the hang comes mid-epoch, before any
+    # forced epoch-end beat. --heartbeat-seconds 0 beats at every step, however fast a step is.
     command = [sys.executable, '-m', 'trainguard_trainer', '--device', 'cpu', '--epochs', '2', '--num-samples', '20',
-               '--resolution', '32', '--crop-size', '32', '--channels', '8,16', '--strides', '2',
-               '--num-res-units', '0', '--heartbeat-seconds', '0.01', '--log-every-steps', '1',
-               '--output-dir', str(tmp_path), '--simulate-hang-after-steps', '2']
+               '--batch-size', '4', '--resolution', '32', '--crop-size', '32', '--channels', '8,16', '--strides', '2',
+               '--num-res-units', '0', '--heartbeat-seconds', '0', '--log-every-steps', '1',
+               '--system-log-seconds', '0.1', '--output-dir', str(tmp_path), '--simulate-hang-after-steps', '2']
     log = tmp_path / 'log.txt'
+    beats = 'heartbeat (no run configured)'
     with log.open('w') as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 60
-            while 'simulating a hang' not in log.read_text() and time.monotonic() < deadline:
-                assert process.poll() is None, log.read_text()
-                time.sleep(0.2)
-            seen = log.read_text()
-            assert 'simulating a hang after 2 steps' in seen
-            time.sleep(2)
+            at_hang = _wait_for_log(log, process, lambda text: 'simulating a hang' in text, 'the hang')
+            assert 'simulating a hang after 2 steps' in at_hang
+            steps = [json.loads(line.split(beats + ': ', 1)[1])['step'] for line in at_hang.splitlines()
+                     if beats in line]
+            assert steps == [1, 2]  # one beat per step, from the loop, up to the hang
+            # The system-line thread keeps running in a hang: three more of its lines prove the
+            # process is alive and time passed in it, whatever the machine's speed.
+            after = _wait_for_log(log, process, lambda text: text[len(at_hang):].count('system: cpu') >= 3,
+                                  'three system lines after the hang')
             assert process.poll() is None          # still alive: hung, not finished
-            beats = 'heartbeat (no run configured)'
-            assert log.read_text().count(beats) == seen.count(beats) == 2
+            assert after.count(beats) == 2        # and silent: no beat since the hang
         finally:
             process.kill()
             process.wait()

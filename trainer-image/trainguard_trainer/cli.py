@@ -40,6 +40,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
+    return value
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(',') if part.strip())
@@ -67,8 +77,9 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ('--data-dir', pathlib.Path, '/data', 'folder with images/ and labels/ (directory dataset)'),
     ('--output-dir', pathlib.Path, '/output', 'checkpoints, metrics.csv, curves.png'),
     ('--seed', _bounded_int(0, 2**31 - 1), 0, 'random seed'),
-    ('--heartbeat-seconds', _positive_float, 10.0, 'minimum seconds between heartbeats'),
+    ('--heartbeat-seconds', _non_negative_float, 10.0, 'minimum seconds between heartbeats; 0: every step'),
     ('--log-every-steps', _bounded_int(1, 1_000_000), 10, 'progress line interval in steps'),
+    ('--system-log-seconds', _positive_float, 30.0, 'seconds between psutil system lines (they go on in a hang)'),
     ('--run-name', None, '', 'TrainingRun to report progress to; empty: only log'),
     ('--run-namespace', None, 'default', 'namespace of that TrainingRun'),
     ('--simulate-hang-after-steps', _bounded_int(1, 10**9), None,
@@ -106,7 +117,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
         learning_rate=args.learning_rate, resolution=args.resolution, crop_size=args.crop_size,
         channels=args.channels, strides=args.strides, num_res_units=args.num_res_units, dataset=args.dataset,
         num_samples=args.num_samples, data_dir=args.data_dir, output_dir=args.output_dir, seed=args.seed,
-        heartbeat_seconds=args.heartbeat_seconds, log_every_steps=args.log_every_steps, run_name=args.run_name,
+        heartbeat_seconds=args.heartbeat_seconds, log_every_steps=args.log_every_steps,
+        system_log_seconds=args.system_log_seconds, run_name=args.run_name,
         run_namespace=args.run_namespace, simulate_hang_after_steps=args.simulate_hang_after_steps,
     )
 

@@ -6,15 +6,16 @@
    sees the silent heartbeat, kills the pod (and the process with it) and fails the run
    with ProgressTimeout.
 
-Exits 0 only when both outcomes happened.
+Exits 0 only when both outcomes happened. Every check waits, with a deadline, for the state
+it verifies and says what it waited for; none samples once after a fixed sleep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import pathlib
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,15 @@ from typing import Any, TextIO
 
 from trainguard.domain.heartbeat import parse_time
 from trainguard.sandbox.app import Sandbox, load_manifest
+from trainguard.sandbox.pods import PodInstance
+
+# Written into a workdir the demo owns, so a later demo may clear it and nothing else.
+MARKER = '.trainguard-demo'
+# What a sandbox writes into its workdir (demos from before MARKER existed left only these).
+SANDBOX_ENTRIES = frozenset({MARKER, 'kubeconfig', 'pods', 'volumes', 'tmp'})
+# How long the hung run's trainer may outlive the run's Failed status: the pod runner notices
+# the pod's deletion at its next poll (0.25 s) and kills the process group.
+PROCESS_GONE_SECONDS = 30.0
 
 SAMPLES = pathlib.Path(__file__).resolve().parents[3] / 'manifests' / 'samples'
 COLUMNS = ('NAME', 'PHASE', 'DEVICE', 'EPOCH', 'PROGRESS', 'LOSS', 'REASON', 'AGE')
@@ -87,19 +97,36 @@ class LiveTable:
             self.show(self._last)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class WorkdirError(Exception):
+    """The demo's folder holds something the demo did not write; it is left alone."""
+
+
+def prepare_workdir(workdir: pathlib.Path) -> str:
+    """Every demo starts from a clean folder: a previous demo's checkpoints would be resumed.
+
+    Only a folder that a demo created (it holds MARKER) is cleared; any other non-empty
+    folder is refused rather than deleted. Returns what was done, for the demo's first line.
+    """
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).exists() and not {entry.name for entry in workdir.iterdir()} <= SANDBOX_ENTRIES:
+            raise WorkdirError(f'{workdir} is not empty and was not made by a demo; choose another --workdir')
+        shutil.rmtree(workdir)
+        action = f'cleared {workdir} (left by the previous demo)'
+    else:
+        action = f'created {workdir}'
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text('made by trainguard-operator sandbox --demo; cleared by the next demo\n')
+    return action
 
 
 async def run_demo(workdir: pathlib.Path, *, timeout: float = 150.0, stream: TextIO = sys.stdout) -> int:
     cpu, hang = load_manifest(SAMPLES / 'cpu-run.yaml'), load_manifest(SAMPLES / 'hang-demo-run.yaml')
     table = LiveTable(stream)
+    try:
+        table.note(prepare_workdir(workdir))
+    except WorkdirError as error:
+        table.note(f'demo not started: {error}')
+        return 2
     started = time.monotonic()
     async with Sandbox(workdir) as sandbox:
         table.note(f'sandbox API at {sandbox.api_url} (kubeconfig: {sandbox.kubeconfig}); '
@@ -123,26 +150,46 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 150.0, stream: Tex
             await asyncio.sleep(1.0)
         final = {run['metadata']['name']: run for run in await sandbox.runs()}
         assert sandbox.runner is not None
-        hang_pods = {key: pid for key, pid in sandbox.runner.started.items()
-                     if key[1].startswith(hang['metadata']['name'])}
-        return _summary(final, cpu['metadata']['name'], hang['metadata']['name'], hang_pods,
+        hang_pods = [instance for instance in sandbox.runner.instances
+                     if instance.name.startswith(hang['metadata']['name'])]
+        processes = await _processes_stopped(sandbox, hang_pods)
+        return _summary(final, cpu['metadata']['name'], hang['metadata']['name'], processes,
                         time.monotonic() - started, table)
 
 
+async def _processes_stopped(sandbox: Sandbox, pods: list[PodInstance]) -> tuple[bool, str]:
+    """Wait for the hung trainer to be gone: its pod deleted, its process group killed and exited."""
+    pids = ', '.join(str(pod.pid) for pod in pods) or '?'
+    if not pods:
+        return False, f'no trainer process was ever started (pid {pids})'
+    assert sandbox.runner is not None
+    try:
+        waited = await sandbox.runner.wait_stopped(pods, timeout=PROCESS_GONE_SECONDS)
+    except TimeoutError as error:
+        return False, f'trainer process {pids} still running {PROCESS_GONE_SECONDS:.0f}s after the run failed: {error}'
+    return True, f'trainer process {pids} is gone (waited {waited:.1f}s for the pod deletion to kill its process group)'
+
+
 def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, hang_name: str,
-             hang_pods: Mapping[tuple[str, str], int], seconds: float, table: LiveTable) -> int:
+             processes: tuple[bool, str], seconds: float, table: LiveTable) -> int:
     cpu_status = (final.get(cpu_name) or {}).get('status') or {}
     hang_status = (final.get(hang_name) or {}).get('status') or {}
-    processes_gone = bool(hang_pods) and not any(_pid_alive(pid) for pid in hang_pods.values())
+    processes_gone, process_text = processes
+    progress = cpu_status.get('progress') or {}
+    # Succeeded alone could be a trainer that resumed a finished checkpoint and trained nothing:
+    # the run must also have mirrored its heartbeats up to the last epoch.
+    trained = progress.get('percent') == 100 and progress.get('epoch') == progress.get('epochs')
     checks = [
-        (cpu_status.get('phase') == 'Succeeded',
+        (cpu_status.get('phase') == 'Succeeded' and bool(cpu_status.get('adjustments')),
          f'{cpu_name}: rewritten to CPU-safe settings ({len(cpu_status.get("adjustments") or [])} adjustments) '
          f'and {cpu_status.get("phase", "not finished")}'),
+        (trained, f'{cpu_name}: trained here, heartbeats mirrored to {progress.get("percent", 0)}% '
+                  f'(epoch {progress.get("epoch", "-")}/{progress.get("epochs", "-")}, '
+                  f'loss {progress.get("loss", "-")})'),
         (hang_status.get('phase') == 'Failed' and hang_status.get('reason') == 'ProgressTimeout',
          f'{hang_name}: {hang_status.get("phase", "not finished")}/{hang_status.get("reason", "")}: '
          f'{hang_status.get("message", "")}'),
-        (processes_gone, f'{hang_name}: trainer process {", ".join(map(str, hang_pods.values())) or "?"} '
-                         f'{"is gone" if processes_gone else "is still running"}'),
+        (processes_gone, f'{hang_name}: {process_text}'),
     ]
     table.note('')
     for ok, text in checks:

@@ -7,13 +7,16 @@ Running once the process started, then Succeeded or Failed by exit code (137 rep
 OOMKilled would be a lie, so a kill is reported as Error with its code). When the pod is
 deleted, its process is killed, as the kubelet would. Each pod's output goes to
 ``<workdir>/pods/<namespace>/<pod>.log``; volumes become folders under
-``<workdir>/volumes`` (a claim keeps its folder across attempts, so a retry can resume).
+``<workdir>/volumes``. As on a node, a pod *instance* is its UID, not its name: a claim keeps
+its folder across attempts (so a retry can resume), while an emptyDir is fresh for every pod
+UID, so a new pod that reuses a deleted pod's name inherits nothing from it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -24,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+import psutil
 
 log = logging.getLogger(__name__)
 POD_SELECTOR = 'app.kubernetes.io/managed-by=trainguard'
@@ -33,6 +37,38 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
 
 
+PodKey = tuple[str, str]  # (namespace, name)
+
+
+@dataclasses.dataclass
+class PodInstance:
+    """One started pod: a name may be reused by a later pod, its UID and process may not."""
+
+    namespace: str
+    name: str
+    uid: str
+    pid: int
+    killed: bool = False
+
+    @property
+    def key(self) -> PodKey:
+        return (self.namespace, self.name)
+
+
+def process_group_gone(pid: int) -> bool:
+    """True when no process of the pod's process group (trainer and DataLoader workers) runs.
+
+    Zombies count as gone: they hold no memory or CPU, only a table entry until reaped.
+    """
+    for process in psutil.process_iter(['pid']):
+        try:
+            if os.getpgid(process.pid) == pid and process.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return True
+
+
 class LocalPodRunner:
     def __init__(self, api_url: str, kubeconfig: pathlib.Path, workdir: pathlib.Path,
                  poll_seconds: float = 0.25) -> None:
@@ -40,10 +76,31 @@ class LocalPodRunner:
         self._kubeconfig = kubeconfig
         self._workdir = workdir
         self._poll = poll_seconds
-        self.processes: dict[tuple[str, str], asyncio.subprocess.Process] = {}
-        self.started: dict[tuple[str, str], int] = {}   # pod -> pid, for every pod ever started
-        self.killed: dict[tuple[str, str], int] = {}    # pod -> pid, for pods whose deletion killed them
-        self._waiters: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.processes: dict[str, asyncio.subprocess.Process] = {}  # pod UID -> its running process
+        self.instances: list[PodInstance] = []  # every pod ever started, oldest first
+        self._waiters: dict[str, asyncio.Task[None]] = {}
+
+    def instances_of(self, namespace: str, name: str) -> list[PodInstance]:
+        return [instance for instance in self.instances if instance.key == (namespace, name)]
+
+    async def wait_stopped(self, instances: list[PodInstance], timeout: float) -> float:
+        """Wait until each instance was killed for its pod's deletion and its process group is gone.
+
+        The runner notices a deletion at its next poll, so a check made when the run turns
+        Failed can come a moment early; this waits for the observation instead, with a deadline.
+        Returns the seconds waited; raises TimeoutError naming what was still running.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            left = [instance for instance in instances
+                    if not instance.killed or not process_group_gone(instance.pid)]
+            if not left:
+                return loop.time() - started
+            if loop.time() - started > timeout:
+                raise TimeoutError(', '.join(f'pod {i.namespace}/{i.name} pid {i.pid} '
+                                             f'{"still running" if i.killed else "not killed"}' for i in left))
+            await asyncio.sleep(0.1)
 
     def volume_paths(self, pod: Mapping[str, Any]) -> dict[str, pathlib.Path]:
         """mountPath -> local folder; claims are shared across pods, emptyDirs are per pod."""
@@ -56,8 +113,9 @@ class LocalPodRunner:
                 claim = (volume.get('persistentVolumeClaim') or {}).get('claimName')
                 if claim:
                     folder = self._workdir / 'volumes' / metadata['namespace'] / 'claims' / claim
-                else:
-                    folder = self._workdir / 'volumes' / metadata['namespace'] / metadata['name'] / mount['name']
+                else:  # emptyDir: one per pod instance, as the kubelet keys it (by UID)
+                    folder = (self._workdir / 'volumes' / metadata['namespace'] / 'pods' /
+                              f'{metadata["name"]}-{metadata["uid"]}' / mount['name'])
                 folder.mkdir(parents=True, exist_ok=True)
                 paths[mount['mountPath']] = folder
         return paths
@@ -85,16 +143,19 @@ class LocalPodRunner:
     async def _sync(self, session: aiohttp.ClientSession) -> None:
         async with session.get(f'{self._api}/api/v1/pods', params={'labelSelector': POD_SELECTOR}) as response:
             pods = (await response.json())['items']
-        alive = set()
+        alive = {pod['metadata']['uid'] for pod in pods}
+        # Kill first: a pod deleted and recreated under the same name between two polls is a
+        # new instance, and the old one's process must not outlive it.
+        for uid in [uid for uid in self.processes if uid not in alive]:
+            self.kill(uid, reason='its pod was deleted')
+        started = {instance.uid for instance in self.instances}
         for pod in pods:
-            key = (pod['metadata']['namespace'], pod['metadata']['name'])
-            alive.add(key)
-            if key not in self.processes and not (pod.get('status') or {}).get('phase'):
-                await self._start(session, key, pod)
-        for key in [key for key in self.processes if key not in alive]:
-            self.kill(key, reason='its pod was deleted')
+            if pod['metadata']['uid'] not in started and not (pod.get('status') or {}).get('phase'):
+                await self._start(session, pod)
 
-    async def _start(self, session: aiohttp.ClientSession, key: tuple[str, str], pod: Mapping[str, Any]) -> None:
+    async def _start(self, session: aiohttp.ClientSession, pod: Mapping[str, Any]) -> None:
+        key: PodKey = (pod['metadata']['namespace'], pod['metadata']['name'])
+        uid = pod['metadata']['uid']
         await self._set_status(session, key, {'phase': 'Pending', 'conditions': [
             {'type': 'PodScheduled', 'status': 'True'}]})
         command, env = self.command(pod)
@@ -103,13 +164,14 @@ class LocalPodRunner:
         with log_path.open('wb') as output:
             process = await asyncio.create_subprocess_exec(*command, env=env, stdout=output,
                                                            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        self.processes[key] = process
-        self.started[key] = process.pid
+        self.processes[uid] = process
+        instance = PodInstance(*key, uid=uid, pid=process.pid)
+        self.instances.append(instance)
         log.info('pod %s/%s: started pid %d, output in %s', *key, process.pid, log_path)
         await self._set_status(session, key, {
             'phase': 'Running', 'startTime': _now(),
             'containerStatuses': [self._container_status(pod, process, True, {'running': {'startedAt': _now()}})]})
-        self._waiters[key] = asyncio.create_task(self._wait(key, pod, process))
+        self._waiters[uid] = asyncio.create_task(self._wait(instance, pod, process))
 
     @staticmethod
     def _container_status(pod: Mapping[str, Any], process: asyncio.subprocess.Process, ready: bool,
@@ -118,9 +180,11 @@ class LocalPodRunner:
         return {'name': 'trainer', 'ready': ready, 'restartCount': 0, 'image': image,
                 'imageID': f'local://{image}', 'containerID': f'local://{process.pid}', 'state': state}
 
-    async def _wait(self, key: tuple[str, str], pod: Mapping[str, Any], process: asyncio.subprocess.Process) -> None:
+    async def _wait(self, instance: PodInstance, pod: Mapping[str, Any],
+                    process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
-        if self.processes.pop(key, None) is None:
+        key = instance.key
+        if self.processes.pop(instance.uid, None) is None:
             return  # killed because its pod was deleted: nothing left to report on
         terminated = {'exitCode': code, 'reason': 'Completed' if code == 0 else 'Error', 'finishedAt': _now()}
         async with aiohttp.ClientSession() as session:
@@ -136,17 +200,18 @@ class LocalPodRunner:
             if response.status >= 400 and response.status != 404:
                 log.warning('pod %s/%s: status update refused: %s', *key, await response.text())
 
-    def kill(self, key: tuple[str, str], reason: str) -> None:
-        process = self.processes.pop(key, None)
+    def kill(self, uid: str, reason: str) -> None:
+        process = self.processes.pop(uid, None)
         if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)  # the whole session: DataLoader workers too
-            self.killed[key] = process.pid
-            log.info('pod %s/%s: killed pid %d (%s)', *key, process.pid, reason)
+            instance = next(instance for instance in self.instances if instance.uid == uid)
+            instance.killed = True
+            log.info('pod %s/%s: killed pid %d (%s)', *instance.key, process.pid, reason)
 
     async def close(self) -> None:
-        for key in list(self.processes):
-            self.kill(key, reason='the sandbox is stopping')
+        for uid in list(self.processes):
+            self.kill(uid, reason='the sandbox is stopping')
         for task in self._waiters.values():
             task.cancel()
         await asyncio.gather(*self._waiters.values(), return_exceptions=True)
