@@ -58,7 +58,7 @@ test-manifests: venv tools
 	$(BIN)/python -m pytest -q tests/manifests tests/chart
 
 lint: venv
-	$(BIN)/ruff check $(wildcard operator trainer-image tests benchmarks scripts)
+	$(BIN)/ruff check $(wildcard operator trainer-image sandbox tests benchmarks scripts)
 	$(BIN)/lint-imports
 
 clean:

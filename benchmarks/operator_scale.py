@@ -27,8 +27,8 @@ import kmock
 import psutil
 
 from trainguard.domain.heartbeat import parse_time
-from trainguard.sandbox.cluster import emulated_cluster
-from trainguard.sandbox.emulator import FaithfulEmulator
+from trainguard_sandbox.cluster import emulated_cluster
+from trainguard_sandbox.emulator import FaithfulEmulator
 
 RUNS = kmock.resource('trainguard.io', 'v1alpha1', 'trainingruns')
 PODS = kmock.resource('', 'v1', 'pods')

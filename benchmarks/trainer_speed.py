@@ -24,7 +24,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.losses import DiceLoss
 
-from trainguard.sandbox.cluster import emulated_cluster
+from trainguard_sandbox.cluster import emulated_cluster
 from trainguard_trainer import data
 from trainguard_trainer.config import TrainerConfig
 from trainguard_trainer.train import build_model, train

@@ -51,7 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     return kopf_main(args=args, standalone_mode=False) or 0
 
 
+SANDBOX_MISSING = ("trainguard-operator sandbox needs the sandbox extra: pip install 'trainguard[sandbox]' "
+                   "(or run `make demo` in a checkout)")
+
+
 def sandbox(argv: list[str]) -> int:
+    try:
+        import trainguard_sandbox.app  # noqa: F401  the optional extra: kmock and friends
+    except ImportError as error:
+        print(f'{SANDBOX_MISSING}\n({error})', file=sys.stderr)
+        return 2
     import argparse
     import asyncio
     import contextlib
@@ -68,11 +77,11 @@ def sandbox(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix='trainguard-sandbox-'))
     if args.demo:
-        from trainguard.sandbox.demo import run_demo
+        from trainguard_sandbox.demo import run_demo
 
         return asyncio.run(run_demo(workdir, timeout=args.timeout))
 
-    from trainguard.sandbox.app import Sandbox
+    from trainguard_sandbox.app import Sandbox
 
     async def serve() -> None:
         async with Sandbox(workdir, port=args.port) as running:

@@ -9,9 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from trainguard.sandbox.cluster import emulated_cluster
-from trainguard.sandbox.demo import MARKER, WorkdirError, prepare_workdir
-from trainguard.sandbox.pods import LocalPodRunner, process_group_gone
+from trainguard_sandbox.cluster import emulated_cluster
+from trainguard_sandbox.demo import MARKER, WorkdirError, prepare_workdir
+from trainguard_sandbox.pods import LocalPodRunner, process_group_gone
 
 
 def pod(name: str, uid: str) -> dict:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from trainguard.sandbox.app import Sandbox
-from trainguard.sandbox.pods import process_group_gone
+from trainguard_sandbox.app import Sandbox
+from trainguard_sandbox.pods import process_group_gone
 
 pytestmark = pytest.mark.timeout(240)
 

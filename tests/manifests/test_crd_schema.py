@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.crd_schema import CEL_MIRRORS, ROOT, load_crd, validate_run
+from tests.crd_schema import ROOT, load_crd, validate_run
 
 SAMPLES = sorted((ROOT / 'manifests' / 'samples').glob('*.yaml'))
 SAMPLES = [path for path in SAMPLES if path.name != 'kustomization.yaml']
@@ -53,9 +53,9 @@ MALFORMED = [
     ('crop-over-default-resolution', run(hyperparameters={'cropSize': 512}), 'spec.hyperparameters.cropSize'),
     ('hyperparameters-list', run(hyperparameters=[32]), 'spec.hyperparameters'),
     ('channels-one', run(model={'channels': [16], 'strides': []}), 'spec.model.channels'),
-    ('channels-zero', run(model={'channels': [0, 32], 'strides': [2]}), 'spec.model.channels.0'),
+    ('channels-zero', run(model={'channels': [0, 32], 'strides': [2]}), 'spec.model.channels[0]'),
     ('strides-mismatch', run(model={'channels': [16, 32, 64], 'strides': [2]}), 'spec.model.strides'),
-    ('strides-too-big', run(model={'channels': [16, 32], 'strides': [5]}), 'spec.model.strides.0'),
+    ('strides-too-big', run(model={'channels': [16, 32], 'strides': [5]}), 'spec.model.strides[0]'),
     ('res-units-negative', run(model={'numResUnits': -1}), 'spec.model.numResUnits'),
     ('dataset-source-unknown', run(dataset={'source': 's3'}), 'spec.dataset.source'),
     ('dataset-samples-one', run(dataset={'numSamples': 1}), 'spec.dataset.numSamples'),
@@ -66,9 +66,9 @@ MALFORMED = [
     ('resources-list', run(resources={'limits': ['cpu']}), 'spec.resources.limits'),
     ('node-selector-number', run(nodeSelector={'gpu': 1}), 'spec.nodeSelector.gpu'),
     ('tolerations-object', run(tolerations={'key': 'gpu'}), 'spec.tolerations'),
-    ('toleration-string', run(tolerations=['gpu']), 'spec.tolerations.0'),
-    ('toleration-bad-operator', run(tolerations=[{'key': 'gpu', 'operator': 'Maybe'}]), 'spec.tolerations.0.operator'),
-    ('toleration-bad-effect', run(tolerations=[{'key': 'gpu', 'effect': 'Sometimes'}]), 'spec.tolerations.0.effect'),
+    ('toleration-string', run(tolerations=['gpu']), 'spec.tolerations[0]'),
+    ('toleration-bad-operator', run(tolerations=[{'key': 'gpu', 'operator': 'Maybe'}]), 'spec.tolerations[0].operator'),
+    ('toleration-bad-effect', run(tolerations=[{'key': 'gpu', 'effect': 'Sometimes'}]), 'spec.tolerations[0].effect'),
     ('progress-timeout-short', run(progressTimeoutSeconds=1), 'spec.progressTimeoutSeconds'),
     ('progress-timeout-huge', run(progressTimeoutSeconds=10**7), 'spec.progressTimeoutSeconds'),
     ('startup-timeout-zero', run(startupTimeoutSeconds=0), 'spec.startupTimeoutSeconds'),
@@ -89,10 +89,10 @@ def test_malformed_run_is_refused_naming_the_field(body: dict[str, Any], field: 
 def test_a_run_without_spec_is_refused() -> None:
     body = run()
     del body['spec']
-    assert any("'spec' is a required property" in error for error in validate_run(body))
+    assert 'spec: Required value' in validate_run(body)
 
 
-def test_every_cel_rule_has_a_mirror_and_a_message() -> None:
+def test_every_cel_rule_has_a_message_naming_its_field() -> None:
     rules = []
 
     def walk(schema: dict[str, Any]) -> None:
@@ -103,8 +103,8 @@ def test_every_cel_rule_has_a_mirror_and_a_message() -> None:
             walk(schema['items'])
 
     walk(load_crd()['spec']['versions'][0]['schema']['openAPIV3Schema'])
-    assert {rule['rule'] for rule in rules} == set(CEL_MIRRORS)
-    assert all(rule['message'].startswith('spec.') for rule in rules)
+    assert len(rules) == 4
+    assert all(rule['message'].startswith('spec.') and rule['fieldPath'] for rule in rules)
 
 
 def test_every_field_has_a_description() -> None:

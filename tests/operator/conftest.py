@@ -12,9 +12,9 @@ import kmock
 import kopf
 import pytest
 
-from trainguard.sandbox.cluster import emulated_cluster
-from trainguard.sandbox.emulator import FaithfulEmulator
-from trainguard.sandbox.inprocess import OperatorRunner
+from trainguard_sandbox.cluster import emulated_cluster
+from trainguard_sandbox.emulator import FaithfulEmulator
+from trainguard_sandbox.inprocess import OperatorRunner
 
 RUNS = kmock.resource('trainguard.io', 'v1alpha1', 'trainingruns')
 PODS = kmock.resource('', 'v1', 'pods')

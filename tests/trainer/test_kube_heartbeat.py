@@ -9,7 +9,7 @@ import sys
 
 import kmock
 
-from trainguard.sandbox.cluster import emulated_cluster
+from trainguard_sandbox.cluster import emulated_cluster
 
 RUNS = kmock.resource('trainguard.io', 'v1alpha1', 'trainingruns')
 

@@ -16,10 +16,10 @@ import kopf
 import yaml
 
 from trainguard.domain.config import config_from_env
-from trainguard.sandbox.cluster import emulated_cluster
-from trainguard.sandbox.emulator import FaithfulEmulator
-from trainguard.sandbox.inprocess import OperatorRunner
-from trainguard.sandbox.pods import LocalPodRunner
+from trainguard_sandbox.cluster import emulated_cluster
+from trainguard_sandbox.emulator import FaithfulEmulator
+from trainguard_sandbox.inprocess import OperatorRunner
+from trainguard_sandbox.pods import LocalPodRunner
 
 RUNS_PATH = '/apis/trainguard.io/v1alpha1/namespaces/{namespace}/trainingruns'
 

@@ -18,9 +18,14 @@ the operator test tier and by ``trainguard-operator sandbox``:
 - deleting an object garbage-collects its dependents (ownerReferences), in the background
   propagation style, and finalizers hold deletion as usual.
 
-Admission webhooks, RBAC and schema validation are not emulated; tests cover those on
-their own (AdmissionReviews posted to kopf's server, RBAC derived from recorded requests,
-the CRD schema validated offline).
+- custom resources are admitted as the server admits them: mutating webhooks registered in
+  MutatingWebhookConfigurations are called over HTTPS (verified with their caBundle) on
+  CREATE and UPDATE, then unknown fields are pruned, structural defaults applied and the
+  CRD's OpenAPI schema and CEL rules checked (trainguard_sandbox.crd); a refusal answers
+  422 naming the field, as the server does; ``?dryRun=All`` admits without storing.
+
+RBAC is not emulated; the operator tier checks the ClusterRole against every request the
+operator makes instead.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ import attrs
 import jsonpatch
 import kmock
 from kmock._internal import apps, rendering  # the extension points kmock's own subclasses use
+
+from trainguard_sandbox import admission
+from trainguard_sandbox import crd as crd_checks
 
 WATCH_LOG_LIMIT = 200_000  # events kept for resuming watches; older resourceVersions get 410 Gone
 
@@ -66,6 +74,10 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     _last_resource_version: int = attrs.field(default=0, init=False)
     _watch_log: list[_LoggedEvent] = attrs.field(factory=list, init=False)
     _watch_changed: asyncio.Condition = attrs.field(factory=asyncio.Condition, init=False)
+    # (group, version, plural) -> (kind, openAPIV3Schema) of each registered CRD version
+    crd_schemas: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = attrs.field(factory=dict, init=False)
+    # MutatingWebhookConfigurations by name, kept current by _publish (no scan per write)
+    _webhook_configs: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -85,13 +97,24 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         if request.resource is None or request.resource.plural is None:
             return await apps.RawHandler._handle(self, request)  # discovery and other paths: kmock's DSL
         is_put = request.name is not None and request.method == kmock.method.PUT
-        async with self._lock:
-            if request.action == kmock.action.CREATE:
+        dry_run = request.params.get('dryRun') == 'All'
+        if request.action == kmock.action.CREATE:
+            admitted = await self._admit(request, 'CREATE', request.data if isinstance(request.data, dict) else {},
+                                         None)
+            if dry_run:
+                return aiohttp.web.json_response(admitted)
+            if admitted is not request.data:  # _create stores request.data; kmock serves it back
+                request.data.clear()
+                request.data.update(admitted)
+            async with self._lock:
                 await self._create(request)
-            elif request.name is not None and request.action == kmock.action.DELETE:
+        elif request.name is not None and request.action == kmock.action.DELETE:
+            async with self._lock:
                 await self._delete(request.resource, request.namespace, request.name)
-            elif request.name is not None and (request.action == kmock.action.UPDATE or is_put):
-                await self._update(request)
+        elif request.name is not None and (request.action == kmock.action.UPDATE or is_put):
+            written = await self._update(request, dry_run=dry_run)
+            if dry_run:
+                return aiohttp.web.json_response(written)
         # Resource requests are served directly, not through kmock's reaction routing: that
         # routing checks each request against every earlier one, which is fine for a test's
         # hundred requests but quadratic for a sandbox or a benchmark serving thousands.
@@ -105,6 +128,42 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         if serve is None:
             raise _error(405, 'MethodNotAllowed', f'{request.method} is not supported on {request.url.path}')
         return aiohttp.web.json_response(await serve(request))
+
+    # -- admission ------------------------------------------------------------------------
+
+    async def _admit(self, request: rendering.Request, operation: str, obj: dict[str, Any],
+                     old: dict[str, Any] | None) -> dict[str, Any]:
+        """Mutating webhooks, then the CRD's defaulting, schema and CEL rules, as the server orders them.
+
+        Called outside the emulator's lock: a webhook is an HTTPS round trip to another server.
+        """
+        resource = request.resource
+        assert resource is not None
+        crd = self.crd_schemas.get((resource.group, resource.version, resource.plural))
+        kind = crd[0] if crd else str(obj.get('kind') or resource.plural)
+        if crd is not None:
+            obj = crd_checks.apply_defaults(crd[1], crd_checks.prune(crd[1], copy.deepcopy(obj)))
+        configs = list(self._webhook_configs.values())
+        if configs and request.subresource is None:
+            name = (obj.get('metadata') or {}).get('name') or request.name or ''
+            try:
+                obj, _ = await admission.mutate(configs, admission.AdmissionRequest(
+                    group=resource.group or '', version=resource.version or '', plural=resource.plural or '',
+                    kind=kind, operation=operation, namespace=request.namespace, name=name, obj=obj, old=old,
+                    dry_run=request.params.get('dryRun') == 'All'))
+            except admission.AdmissionRefused as refused:
+                raise _error(refused.code, 'InternalError' if refused.code >= 500 else 'BadRequest',
+                             str(refused)) from refused
+        if crd is None:
+            return obj
+        admitted, refusals = crd_checks.admit(crd[1], obj, old)
+        if refusals:
+            group = f'.{resource.group}' if resource.group else ''
+            causes = [str(refusal) for refusal in refusals]
+            listed = causes[0] if len(causes) == 1 else f'[{", ".join(causes)}]'
+            name = (obj.get('metadata') or {}).get('name') or request.name
+            raise _error(422, 'Invalid', f'{kind}{group} "{name}" is invalid: {listed}')
+        return admitted
 
     async def _stream(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         """A watch as the API server streams it: JSON lines, ended after ?timeoutSeconds."""
@@ -148,9 +207,32 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             self.objects[key] = body
         await self._publish(request.resource, 'ADDED', self.objects[key].raw)
 
-    async def _update(self, request: rendering.Request) -> None:
+    async def _update(self, request: rendering.Request, *, dry_run: bool) -> dict[str, Any]:
+        """Patch or replace, admit outside the lock, store if nothing changed meanwhile (else retry).
+
+        The API server does the same (GuaranteedUpdate): a patch is re-applied on a conflict,
+        while a PUT that names an outdated resourceVersion is answered 409.
+        """
         assert request.resource is not None and request.name is not None
         key = (request.resource, request.namespace, request.name)
+        for _ in range(10):
+            async with self._lock:
+                old, patched = self._patched(key, request)
+            new = self._isolate_status(request.resource, request.subresource, old, patched)
+            new = await self._admit(request, 'UPDATE', new, old)
+            if dry_run:
+                return new
+            async with self._lock:
+                current = self.objects[key] if key in self.objects and not self.objects[key].deleted else None
+                if current is None:
+                    raise kmock.KubernetesObjectNotFoundError()
+                if current.raw['metadata']['resourceVersion'] == old['metadata']['resourceVersion']:
+                    await self._store_update(key, old, new)
+                    return new
+        raise _error(409, 'Conflict', 'the object kept changing while it was admitted; try again')
+
+    def _patched(self, key: tuple[kmock.resource, str | None, str],
+                 request: rendering.Request) -> tuple[dict[str, Any], dict[str, Any]]:
         if key not in self.objects or self.objects[key].deleted:
             raise kmock.KubernetesObjectNotFoundError()
         old = self.objects[key].raw
@@ -161,21 +243,21 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             if sent_version and sent_version != old['metadata']['resourceVersion']:
                 raise _error(409, 'Conflict', 'the object has been modified; please apply your '
                                               'changes to the latest version and try again')
-            patched = copy.deepcopy(request.data)
-        elif content_type == 'application/json-patch+json':
+            return old, copy.deepcopy(request.data)
+        if content_type == 'application/json-patch+json':
             try:
-                patched = jsonpatch.apply_patch(old, request.data or [])
+                return old, jsonpatch.apply_patch(old, request.data or [])
             except jsonpatch.JsonPatchTestFailed as e:
                 raise _error(422, 'Invalid', f'the server rejected our request due to an error in our '
                                              f'request: {e}') from e
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
                 raise _error(422, 'Invalid', str(e)) from e
-        else:
-            # Merge patch; strategic merge patch is treated the same (lists are replaced), which is
-            # what every caller in this project sends for the objects it patches.
-            patched = jsonpatch_merge(old, request.data or {})
+        # Merge patch; strategic merge patch is treated the same (lists are replaced), which is
+        # what every caller in this project sends for the objects it patches.
+        return old, jsonpatch_merge(old, request.data or {})
 
-        new = self._isolate_status(request.resource, request.subresource, old, patched)
+    async def _store_update(self, key: tuple[kmock.resource, str | None, str], old: dict[str, Any],
+                            new: dict[str, Any]) -> None:
         new_meta = new.setdefault('metadata', {})
         for immutable in ('uid', 'creationTimestamp', 'namespace', 'name', 'generation', 'deletionTimestamp'):
             if immutable in old.get('metadata', {}):
@@ -184,6 +266,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
                 new_meta.pop(immutable, None)
         if _without_meta_and_status(new) != _without_meta_and_status(old):
             new_meta['generation'] = int(old['metadata'].get('generation', 1)) + 1
+        new_meta['resourceVersion'] = old['metadata']['resourceVersion']
         if new == old:
             return  # a no-op write keeps the resourceVersion, as the API server does
         new_meta['resourceVersion'] = self._next_resource_version()
@@ -191,7 +274,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         if new_meta.get('deletionTimestamp') and not new_meta.get('finalizers'):
             await self._remove(key)
         else:
-            await self._publish(request.resource, 'MODIFIED', new)
+            await self._publish(key[0], 'MODIFIED', new)
 
     def _isolate_status(self, resource: kmock.resource, subresource: str | None,
                         old: dict[str, Any], patched: dict[str, Any]) -> dict[str, Any]:
@@ -246,6 +329,11 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             await self._delete(dep_resource, dep_namespace, dep_name)
 
     async def _publish(self, resource: kmock.resource, event_type: str, obj: Mapping[str, Any]) -> None:
+        if (resource.group, resource.version, resource.plural) == admission.WEBHOOK_CONFIGS:
+            if event_type == 'DELETED':
+                self._webhook_configs.pop(obj['metadata']['name'], None)
+            else:
+                self._webhook_configs[obj['metadata']['name']] = copy.deepcopy(dict(obj))
         version = int(obj['metadata']['resourceVersion'])
         self._watch_log.append(_LoggedEvent(version, resource, {'type': event_type, 'object': copy.deepcopy(obj)}))
         if len(self._watch_log) > WATCH_LOG_LIMIT:
@@ -436,6 +524,9 @@ def register_crd(emulator: kmock.KubernetesEmulator, crd: Mapping[str, Any]) -> 
         if not version.get('served', True):
             continue
         key = f"{spec['group']}/{version['name']}/{names['plural']}"
+        if isinstance(emulator, FaithfulEmulator):
+            emulator.crd_schemas[spec['group'], version['name'], names['plural']] = (
+                names['kind'], version['schema']['openAPIV3Schema'])
         emulator.resources[key] = kmock.ResourceInfo(
             kind=names['kind'],
             singular=names.get('singular', names['kind'].lower()),

@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from trainguard.domain.heartbeat import parse_time
-from trainguard.sandbox.app import Sandbox, load_manifest
-from trainguard.sandbox.pods import PodInstance
+from trainguard_sandbox.app import Sandbox, load_manifest
+from trainguard_sandbox.pods import PodInstance
 
 # Written into a workdir the demo owns, so a later demo may clear it and nothing else.
 MARKER = '.trainguard-demo'
@@ -33,7 +33,7 @@ SANDBOX_ENTRIES = frozenset({MARKER, 'kubeconfig', 'pods', 'volumes', 'tmp'})
 # the pod's deletion at its next poll (0.25 s) and kills the process group.
 PROCESS_GONE_SECONDS = 30.0
 
-SAMPLES = pathlib.Path(__file__).resolve().parents[3] / 'manifests' / 'samples'
+SAMPLES = pathlib.Path(__file__).parent / 'manifests' / 'samples'
 COLUMNS = ('NAME', 'PHASE', 'DEVICE', 'EPOCH', 'PROGRESS', 'LOSS', 'REASON', 'AGE')
 
 

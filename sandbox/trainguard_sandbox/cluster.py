@@ -14,9 +14,10 @@ from typing import Any
 import kmock
 import yaml
 
-from trainguard.sandbox.emulator import FaithfulEmulator, register_crd
+from trainguard_sandbox.emulator import FaithfulEmulator, register_crd
 
-CRD_PATH = pathlib.Path(__file__).resolve().parents[3] / 'manifests' / 'crd' / 'trainingruns.trainguard.io.yaml'
+# manifests/ is a link to the repository's manifests/ (one source); wheels carry a copy as package data.
+CRD_PATH = pathlib.Path(__file__).parent / 'manifests' / 'crd' / 'trainingruns.trainguard.io.yaml'
 
 
 def load_crd(path: pathlib.Path = CRD_PATH) -> dict[str, Any]:
