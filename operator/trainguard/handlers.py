@@ -8,9 +8,9 @@ kubernetes client is safe.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-import pathlib
 from typing import Any
 
 import kopf
@@ -19,10 +19,11 @@ import prometheus_client
 from trainguard import GROUP, PLURAL, VERSION
 from trainguard.domain.builders import RUN_LABEL
 from trainguard.domain.config import config_from_env, webhook_enabled
-from trainguard.domain.policy import plan_rewrite
+from trainguard.domain.policy import plan_admission
 from trainguard.domain.spec import SpecError, parse_spec
 from trainguard.kube import KubeApi
 from trainguard.runtime import Runtime, system_clock
+from trainguard.webhook import build_server
 
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -39,19 +40,16 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     settings.persistence.finalizer = 'trainguard.io/finalizer'
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    if memo.get('webhook_server') is not None:
-        settings.admission.server = memo.webhook_server  # tests and the sandbox bring a plain-HTTP one
-    elif config.webhook:
-        # kopf serves HTTPS (self-signed unless cert-manager's files are mounted) and keeps the
-        # MutatingWebhookConfiguration named below up to date with the CA bundle.
-        certs = pathlib.Path(config.webhook_cert_dir) if config.webhook_cert_dir else None
-        settings.admission.server = kopf.WebhookServer(
-            addr='0.0.0.0', port=config.webhook_port, host=config.webhook_host or None,
-            certfile=certs / 'tls.crt' if certs else None, pkeyfile=certs / 'tls.key' if certs else None,
-            cafile=certs / 'ca.crt' if certs else None)
-        settings.admission.managed = 'trainguard.io'
     api = memo.get('api') or KubeApi.from_environment()
     memo.runtime = Runtime(config=config, api=api, clock=memo.get('clock') or system_clock)
+    if config.webhook:
+        # HTTPS with our own certificates (or cert-manager's); kopf keeps the
+        # MutatingWebhookConfiguration named below current with the CA bundle.
+        settings.admission.server = build_server(
+            port=config.webhook_port, host=config.webhook_host, cert_dir=config.webhook_cert_dir,
+            service=config.webhook_service, on_failure=functools.partial(_webhook_failed, memo.runtime),
+            addr=memo.get('webhook_addr') or '0.0.0.0')
+        settings.admission.managed = 'trainguard.io'
     memo.sweeper = asyncio.create_task(memo.runtime.sweep_forever(logger))
     if config.metrics_port:
         memo.metrics_server, _ = prometheus_client.start_http_server(
@@ -59,6 +57,17 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     logger.info('trainguard started: trainer image %s, CPU limits %s, namespaces %s, webhook %s',
                 config.settings.pod.image, config.settings.limits, config.namespaces or 'all',
                 'on' if config.webhook else 'off')
+
+
+def _webhook_failed(runtime: Runtime, error: BaseException) -> None:
+    """Counted and reported on the operator's Pod; reconciling goes on (see trainguard.webhook)."""
+    runtime.metrics.webhook_failures.inc()
+    pod, namespace = os.environ.get('POD_NAME'), os.environ.get('POD_NAMESPACE')
+    if pod and namespace:
+        message = (f'admission webhook could not start ({error}); runs are admitted as written and '
+                   'the operator applies CPU safety itself')
+        asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            runtime.api.post_pod_event, namespace, pod, 'Warning', 'WebhookFailed', message, runtime.clock()))
 
 
 async def stop(memo: kopf.Memo, **_: Any) -> None:
@@ -93,17 +102,22 @@ def on_pod_event(event: kopf.RawEvent, memo: kopf.Memo, logger: logging.Logger, 
         runtime.reconcile(key, logger)
 
 
-def mutate_cpu_safety(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
-                      warnings: list[str], **_: Any) -> None:
-    """Rewrite at admission, so GitOps dry-runs through admission see the effective spec (no drift)."""
+def mutate_cpu_safety(body: kopf.Body, old: kopf.Body | None, patch: kopf.Patch, memo: kopf.Memo,
+                      logger: logging.Logger, warnings: list[str], **_: Any) -> None:
+    """Rewrite at admission, on CREATE and UPDATE, so GitOps dry-runs see the effective spec (no drift).
+
+    An UPDATE of the manifest as written (batch 32 again) is rewritten to the same live values;
+    the first admission's original-values annotation is kept when the update omits it.
+    """
     spec_raw = dict(body.get('spec') or {})
     try:
         spec = parse_spec(spec_raw)
     except SpecError:
         return  # the operator reports it as Failed/InvalidSpec with the same message
     runtime: Runtime = memo.runtime
-    rewrite = plan_rewrite(spec, spec_raw.get('hyperparameters') or {}, dict(body.metadata.annotations),
-                           runtime.config.settings.limits)
+    rewrite = plan_admission(spec, spec_raw.get('hyperparameters') or {}, dict(body.metadata.annotations),
+                             dict(old.metadata.annotations) if old is not None else {},
+                             runtime.config.settings.limits)
     if rewrite.spec_patch is None:
         return
     for section, values in rewrite.spec_patch.items():
@@ -125,8 +139,10 @@ def register(registry: kopf.OperatorRegistry, *, webhook: bool) -> kopf.Operator
     kopf.on.event('', 'v1', 'pods', registry=registry,
                   labels={RUN_LABEL: kopf.PRESENT, 'app.kubernetes.io/managed-by': 'trainguard'})(on_pod_event)
     if webhook:
-        kopf.on.mutate(GROUP, VERSION, PLURAL, operations={'CREATE'}, id='cpu-safety',
-                       registry=registry)(mutate_cpu_safety)
+        # ignore_failures: failurePolicy Ignore, so runs are admitted while the operator is away;
+        # its reconcile then applies the same rewrite (README, "Admission webhook").
+        kopf.on.mutate(GROUP, VERSION, PLURAL, operations={'CREATE', 'UPDATE'}, id='cpu-safety',
+                       ignore_failures=True, registry=registry)(mutate_cpu_safety)
     return registry
 
 

@@ -100,19 +100,30 @@ class KubeApi:
                    now: datetime.datetime) -> None:
         """A core/v1 Event on the run; failures are logged, never raised (events are best effort)."""
         metadata = run.get('metadata') or {}
+        self._post_event({'apiVersion': f'{GROUP}/{VERSION}', 'kind': 'TrainingRun', 'name': metadata.get('name'),
+                          'namespace': metadata.get('namespace'), 'uid': metadata.get('uid')},
+                         event_type, reason, message, now)
+
+    def post_pod_event(self, namespace: str, name: str, event_type: str, reason: str, message: str,
+                       now: datetime.datetime) -> None:
+        """An Event on a Pod (the operator's own, for problems that concern no run)."""
+        self._post_event({'apiVersion': 'v1', 'kind': 'Pod', 'name': name, 'namespace': namespace},
+                         event_type, reason, message, now)
+
+    def _post_event(self, involved: Mapping[str, Any], event_type: str, reason: str, message: str,
+                    now: datetime.datetime) -> None:
         stamp = format_time(now)
         body = {
             'apiVersion': 'v1', 'kind': 'Event',
-            'metadata': {'generateName': f'{metadata.get("name", "run")}.', 'namespace': metadata.get('namespace')},
-            'involvedObject': {'apiVersion': f'{GROUP}/{VERSION}', 'kind': 'TrainingRun',
-                               'name': metadata.get('name'), 'namespace': metadata.get('namespace'),
-                               'uid': metadata.get('uid')},
+            'metadata': {'generateName': f'{involved.get("name") or "trainguard"}.',
+                         'namespace': involved.get('namespace')},
+            'involvedObject': dict(involved),
             'type': event_type, 'reason': reason, 'message': message[:1024],
             'source': {'component': 'trainguard'}, 'reportingComponent': 'trainguard.io/operator',
             'reportingInstance': os.environ.get('HOSTNAME', 'trainguard'),
             'firstTimestamp': stamp, 'lastTimestamp': stamp, 'count': 1,
         }
         try:
-            self.core.create_namespaced_event(metadata.get('namespace'), body)
+            self.core.create_namespaced_event(involved.get('namespace'), body)
         except (ApiException, ValueError) as error:
-            log.warning('could not post event %s on %s: %s', reason, metadata.get('name'), error)
+            log.warning('could not post event %s on %s: %s', reason, involved.get('name'), error)

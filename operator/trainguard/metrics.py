@@ -36,4 +36,7 @@ class Metrics:
                                    registry=self.registry)
         self.reconcile_errors = Counter('trainguard_reconcile_errors', 'Reconciles that raised and will be retried',
                                         registry=self.registry)
+        self.webhook_failures = Counter('trainguard_webhook_failures',
+                                        'Admission webhook servers that could not start (runs are admitted '
+                                        'unchanged; the operator rewrites them itself)', registry=self.registry)
         self.registry.register(_RunsByPhase(runs))

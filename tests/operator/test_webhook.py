@@ -1,22 +1,35 @@
-"""The mutating webhook: an AdmissionReview POSTed to kopf's own WebhookServer (kmock calls no webhooks)."""
+"""The mutating webhook as a real API server uses it: registered by the operator, called over TLS.
+
+The operator starts its webhook server (certificates from ``cryptography``, or a folder as
+cert-manager would mount), kopf registers the MutatingWebhookConfiguration with the CA
+bundle, and the emulator calls it over HTTPS, verified with that bundle, on CREATE and UPDATE.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import copy
 import json
 import socket
+import ssl
+import uuid
 
 import aiohttp
-import jsonpatch
+import kmock
 import kopf
 import pytest
 
-from tests.operator.conftest import OperatorRunner
-from tests.operator.test_lifecycle import CPU_RUN
+from tests.operator.conftest import EVENTS, NAMESPACE, RUNS, Api
+from tests.operator.test_lifecycle import CPU_RUN, phase
+from trainguard.domain.config import config_from_env
 from trainguard.handlers import register
+from trainguard.webhook import generate_certificates
+from trainguard_sandbox.inprocess import OperatorRunner
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(90)
+CONFIGS = kmock.resource('admissionregistration.k8s.io', 'v1', 'mutatingwebhookconfigurations')
+ORIGINAL = 'trainguard.io/original-hyperparameters'
+SAFE = {'batchSize': 4, 'numWorkers': 0, 'epochs': 2, 'learningRate': 0.01, 'resolution': 128, 'cropSize': 128}
 
 
 def free_port() -> int:
@@ -25,68 +38,156 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def review(obj: dict) -> dict:
-    return {
-        'apiVersion': 'admission.k8s.io/v1', 'kind': 'AdmissionReview',
-        'request': {
-            'uid': 'a5d3c7f0-0000-4000-8000-000000000001',
-            'kind': {'group': 'trainguard.io', 'version': 'v1alpha1', 'kind': 'TrainingRun'},
-            'resource': {'group': 'trainguard.io', 'version': 'v1alpha1', 'resource': 'trainingruns'},
-            'requestKind': {'group': 'trainguard.io', 'version': 'v1alpha1', 'kind': 'TrainingRun'},
-            'requestResource': {'group': 'trainguard.io', 'version': 'v1alpha1', 'resource': 'trainingruns'},
-            'name': obj['metadata']['name'], 'namespace': 'default', 'operation': 'CREATE',
-            'userInfo': {'username': 'alice'}, 'object': obj, 'oldObject': None, 'dryRun': False, 'options': {},
-        },
-    }
-
-
-async def post_review(port: int, obj: dict) -> dict:
-    """POST as the API server would; kopf opens the port shortly after the operator is ready."""
-    for _ in range(100):
-        try:
-            async with aiohttp.ClientSession() as session, session.post(
-                    f'http://127.0.0.1:{port}/cpu-safety', json=review(obj)) as response:
-                assert response.status == 200
-                return (await response.json())['response']
-        except aiohttp.ClientConnectorError:
-            await asyncio.sleep(0.1)
-    raise AssertionError(f'the webhook server never listened on port {port}')
-
-
-@pytest.fixture()
-def webhook_port() -> int:
-    return free_port()
-
-
-def webhook_runner(memo: kopf.Memo, port: int) -> OperatorRunner:
-    """The operator with the webhook registered; the startup handler installs the server, as in production."""
-    memo.webhook_server = kopf.WebhookServer(addr='127.0.0.1', port=port, insecure=True)
+def webhook_operator(memo: kopf.Memo, **env: str) -> OperatorRunner:
+    """The production start-up path, with the webhook on: the startup handler builds the server."""
+    memo.config = config_from_env({'TRAINGUARD_WEBHOOK': 'on', 'TRAINGUARD_WEBHOOK_HOST': '127.0.0.1',
+                                   'TRAINGUARD_WEBHOOK_PORT': str(free_port()), **env})
+    memo.webhook_addr = '127.0.0.1'
     return OperatorRunner(memo, registry=register(kopf.OperatorRegistry(), webhook=True))
 
 
-async def test_admission_rewrites_a_cpu_run(cluster, operator_memo, webhook_port):
-    runner = webhook_runner(operator_memo, webhook_port)
-    await runner.start()
-    try:
-        answer = await post_review(webhook_port, CPU_RUN)
-    finally:
-        await runner.stop()
-    assert answer['allowed'] is True and answer['patchType'] == 'JSONPatch'
-    patch = json.loads(base64.b64decode(answer['patch']))
-    result = jsonpatch.apply_patch(CPU_RUN, patch)
-    assert result['spec']['hyperparameters'] == {'batchSize': 4, 'numWorkers': 0, 'epochs': 2, 'learningRate': 0.01,
-                                                 'resolution': 128, 'cropSize': 128}
-    recorded = json.loads(result['metadata']['annotations']['trainguard.io/original-hyperparameters'])
-    assert recorded == CPU_RUN['spec']['hyperparameters']
-    assert '[CPU_OPTIMIZATION] Forcing num_workers=0 for CPU training (was 2)' in answer['warnings']
+async def registered_webhook(api: Api) -> dict:
+    async def find() -> dict | None:
+        configs = await api.list(CONFIGS, namespace=None)
+        hooks = [hook for config in configs for hook in config.get('webhooks') or []]
+        return hooks[0] if hooks and hooks[0].get('clientConfig', {}).get('caBundle') else None
+    return await api.wait_for(find, timeout=30, what='the MutatingWebhookConfiguration with a CA bundle')
 
 
-async def test_admission_leaves_a_gpu_run_alone(cluster, operator_memo, webhook_port):
-    runner = webhook_runner(operator_memo, webhook_port)
-    await runner.start()
-    try:
-        gpu = {**CPU_RUN, 'spec': {**CPU_RUN['spec'], 'device': 'gpu'}}
-        answer = await post_review(webhook_port, gpu)
-    finally:
+async def create_when_admitted(api: Api, body: dict) -> dict:
+    """The webhook is registered a moment after the operator is ready: wait for it, then create."""
+    await registered_webhook(api)
+    return await api.create(body)
+
+
+@pytest.fixture()
+async def stopping():
+    runners: list[OperatorRunner] = []
+    yield runners.append
+    for runner in runners:
         await runner.stop()
-    assert answer['allowed'] is True and 'patch' not in answer
+
+
+async def test_kopf_mode_registers_a_tls_webhook_that_rewrites_on_create(api, operator_memo, stopping):
+    runner = webhook_operator(operator_memo)
+    stopping(runner)
+    await runner.start()
+    hook = await registered_webhook(api)
+    assert hook['clientConfig']['url'].startswith('https://127.0.0.1:')
+    assert hook['failurePolicy'] == 'Ignore' and set(hook['rules'][0]['operations']) == {'CREATE', 'UPDATE'}
+    body = copy.deepcopy(CPU_RUN)
+    body['metadata']['annotations'] = {'team': 'radiology'}
+    created = await api.create(body)
+    # Rewritten by the webhook at admission: the object is stored CPU-safe from its first version.
+    assert created['spec']['hyperparameters'] == SAFE
+    assert created['metadata']['annotations']['team'] == 'radiology'
+    assert json.loads(created['metadata']['annotations'][ORIGINAL]) == CPU_RUN['spec']['hyperparameters']
+    assert created['metadata']['generation'] == 1
+
+
+async def test_an_update_of_the_manifest_as_written_yields_the_live_spec(api, operator_memo, stopping):
+    """A GitOps server-side dry run (an UPDATE of what git holds) shows no drift."""
+    runner = webhook_operator(operator_memo)
+    stopping(runner)
+    await runner.start()
+    live = await create_when_admitted(api, copy.deepcopy(CPU_RUN))
+    # What `kubectl apply` / a GitOps sync sends: the manifest from git, with no resourceVersion.
+    as_in_git = copy.deepcopy(CPU_RUN)
+    url = f'/apis/trainguard.io/v1alpha1/namespaces/{NAMESPACE}/trainingruns/cpu'
+    headers = {'Content-Type': 'application/merge-patch+json'}
+    async with api.emulator.patch(url, params={'dryRun': 'All'}, json=as_in_git, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        dry = await response.json()
+    assert dry['spec'] == live['spec']
+    assert dry['metadata']['annotations'][ORIGINAL] == live['metadata']['annotations'][ORIGINAL]
+    # And for real: the sync writes nothing unsafe back, and the spec's generation stays.
+    async with api.emulator.patch(url, json=as_in_git, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        synced = await response.json()
+    assert synced['spec']['hyperparameters'] == SAFE and synced['metadata']['generation'] == 1
+    assert json.loads(synced['metadata']['annotations'][ORIGINAL]) == CPU_RUN['spec']['hyperparameters']
+
+
+async def test_a_replace_without_the_annotation_keeps_the_first_admissions_record(api, operator_memo, stopping):
+    """`kubectl replace` sends annotations from git (without the record): it is put back."""
+    runner = webhook_operator(operator_memo)
+    stopping(runner)
+    await runner.start()
+    live = await create_when_admitted(api, copy.deepcopy(CPU_RUN))
+    url = f'/apis/trainguard.io/v1alpha1/namespaces/{NAMESPACE}/trainingruns/cpu'
+    async with api.emulator.put(url, params={'dryRun': 'All'}, json=copy.deepcopy(CPU_RUN)) as response:
+        assert response.status == 200, await response.text()
+        replaced = await response.json()
+    assert replaced['spec'] == live['spec']
+    assert replaced['metadata']['annotations'][ORIGINAL] == live['metadata']['annotations'][ORIGINAL]
+
+
+async def test_admitting_the_rewritten_object_again_yields_no_patch(api, operator_memo, stopping):
+    runner = webhook_operator(operator_memo)
+    stopping(runner)
+    await runner.start()
+    live = await create_when_admitted(api, copy.deepcopy(CPU_RUN))
+    hook = await registered_webhook(api)
+    review = {'apiVersion': 'admission.k8s.io/v1', 'kind': 'AdmissionReview', 'request': {
+        'uid': str(uuid.uuid4()), 'operation': 'UPDATE', 'name': 'cpu', 'namespace': NAMESPACE,
+        'kind': {'group': 'trainguard.io', 'version': 'v1alpha1', 'kind': 'TrainingRun'},
+        'resource': {'group': 'trainguard.io', 'version': 'v1alpha1', 'resource': 'trainingruns'},
+        'userInfo': {'username': 'alice'}, 'object': live, 'oldObject': live, 'dryRun': False}}
+    context = ssl.create_default_context(cadata=base64.b64decode(hook['clientConfig']['caBundle']).decode())
+    async with aiohttp.ClientSession() as session, session.post(
+            hook['clientConfig']['url'], json=review, ssl=context) as response:
+        answer = (await response.json())['response']
+    assert answer['allowed'] is True and not answer.get('patch')
+
+
+async def test_cert_manager_mode_serves_the_mounted_certificates(api, operator_memo, stopping, tmp_path):
+    files = generate_certificates(tmp_path / 'webhook-tls', ['127.0.0.1'])  # what cert-manager would mount
+    runner = webhook_operator(operator_memo, TRAINGUARD_WEBHOOK_CERT_DIR=str(files.certfile.parent))
+    stopping(runner)
+    await runner.start()
+    hook = await registered_webhook(api)
+    assert base64.b64decode(hook['clientConfig']['caBundle']) == files.cafile.read_bytes()
+    created = await api.create(copy.deepcopy(CPU_RUN))
+    assert created['spec']['hyperparameters'] == SAFE
+
+
+async def test_a_webhook_that_cannot_start_never_stops_reconciling(api, operator_memo, stopping, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setenv('POD_NAME', 'trainguard-7d9f')  # the downward API, as the chart sets it
+    monkeypatch.setenv('POD_NAMESPACE', NAMESPACE)
+    runner = webhook_operator(operator_memo, TRAINGUARD_WEBHOOK_CERT_DIR=str(tmp_path / 'not-mounted'))
+    stopping(runner)
+    await runner.start()
+    await api.create(copy.deepcopy(CPU_RUN))
+    run = await api.wait_for_run('cpu', phase('Pending'), timeout=30)
+    # Admitted as written (no webhook answered), then rewritten by the operator's own reconcile.
+    assert run['spec']['hyperparameters'] == SAFE
+    assert operator_memo.runtime.metrics.webhook_failures._value.get() == 1
+    assert not [hook for config in await api.list(CONFIGS, namespace=None) for hook in config.get('webhooks') or []]
+    events = await api.wait_for(lambda: _webhook_events(api), timeout=30, what='the WebhookFailed Event')
+    assert events[0]['involvedObject'] == {'apiVersion': 'v1', 'kind': 'Pod', 'name': 'trainguard-7d9f',
+                                           'namespace': NAMESPACE}
+    assert 'not-mounted/tls.crt is missing' in events[0]['message']
+
+
+async def _webhook_events(api: Api) -> list[dict]:
+    return [event for event in await api.list(EVENTS) if event['reason'] == 'WebhookFailed']
+
+
+@pytest.mark.parametrize('policy', ['Ignore', 'Fail'])
+async def test_the_emulator_honours_failure_policy_of_an_unreachable_webhook(api, policy):
+    await api.create({'apiVersion': 'admissionregistration.k8s.io/v1', 'kind': 'MutatingWebhookConfiguration',
+                      'metadata': {'name': 'stale.trainguard.io'},
+                      'webhooks': [{'name': 'cpu-safety.trainguard.io', 'failurePolicy': policy,
+                                    'clientConfig': {'url': f'https://127.0.0.1:{free_port()}/cpu-safety'},
+                                    'rules': [{'apiGroups': ['trainguard.io'], 'apiVersions': ['v1alpha1'],
+                                               'resources': ['trainingruns'], 'operations': ['CREATE']}],
+                                    'sideEffects': 'None', 'admissionReviewVersions': ['v1']}]},
+                     resource=CONFIGS, namespace=None)
+    async with api.emulator.post(api._url(RUNS, NAMESPACE), json=copy.deepcopy(CPU_RUN)) as response:
+        if policy == 'Ignore':
+            assert response.status < 300, await response.text()  # admitted as written
+            assert (await response.json())['spec']['hyperparameters'] == CPU_RUN['spec']['hyperparameters']
+        else:
+            assert response.status == 500
+            assert 'failed calling webhook "cpu-safety.trainguard.io"' in (await response.json())['message']

@@ -11,6 +11,8 @@ def test_defaults():
     assert config.settings.limits.max_batch_size == 4 and config.settings.limits.num_workers == 0
     assert config.settings.limits.max_resolution == 128 and config.webhook is False
     assert config.namespaces == () and config.log_format == 'text' and config.sweep_seconds == 5
+    assert config.webhook_service is None
+    assert config_from_env({'TRAINGUARD_WEBHOOK_SERVICE': 'ops/tg-webhook'}).webhook_service == ('ops', 'tg-webhook')
 
 
 @pytest.mark.parametrize(('env', 'name'), [
@@ -19,6 +21,7 @@ def test_defaults():
     ({'TRAINGUARD_WEBHOOK': 'maybe'}, 'TRAINGUARD_WEBHOOK'),
     ({'TRAINGUARD_LOG_FORMAT': 'xml'}, 'TRAINGUARD_LOG_FORMAT'),
     ({'TRAINGUARD_IMAGE_PULL_POLICY': 'sometimes'}, 'TRAINGUARD_IMAGE_PULL_POLICY'),
+    ({'TRAINGUARD_WEBHOOK_SERVICE': 'trainguard-webhook'}, 'TRAINGUARD_WEBHOOK_SERVICE'),
 ], ids=lambda value: str(value)[:30])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):

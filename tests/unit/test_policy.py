@@ -13,6 +13,7 @@ from trainguard.domain.policy import (
     effective_device,
     effective_gpus,
     gpu_requested,
+    plan_admission,
     plan_rewrite,
 )
 from trainguard.domain.spec import parse_hyperparameters, parse_spec
@@ -90,3 +91,25 @@ def test_plan_rewrite_leaves_gpu_and_opt_out_alone(spec):
     parsed = parse_spec({**spec, 'hyperparameters': {'batchSize': 32}})
     rewrite = plan_rewrite(parsed, {'batchSize': 32}, {}, LIMITS)
     assert rewrite.spec_patch is None and rewrite.adjustments == []
+
+
+AS_WRITTEN = {'batchSize': 32, 'numWorkers': 2, 'epochs': 2, 'learningRate': 0.01, 'resolution': 256, 'cropSize': 256}
+SAFE = {'batchSize': 4, 'numWorkers': 0, 'epochs': 2, 'learningRate': 0.01, 'resolution': 128, 'cropSize': 128}
+RECORD = json.dumps(AS_WRITTEN, sort_keys=True)
+
+
+@pytest.mark.parametrize(('hyperparameters', 'annotations', 'old_annotations', 'patch'), [
+    (AS_WRITTEN, {}, {},
+     {'spec': {'hyperparameters': SAFE}, 'metadata': {'annotations': {ORIGINAL_ANNOTATION: RECORD}}}),
+    (SAFE, {ORIGINAL_ANNOTATION: RECORD}, {ORIGINAL_ANNOTATION: RECORD}, None),
+    (AS_WRITTEN, {}, {ORIGINAL_ANNOTATION: RECORD},
+     {'spec': {'hyperparameters': SAFE}, 'metadata': {'annotations': {ORIGINAL_ANNOTATION: RECORD}}}),
+    (SAFE, {}, {ORIGINAL_ANNOTATION: RECORD}, {'metadata': {'annotations': {ORIGINAL_ANNOTATION: RECORD}}}),
+    (AS_WRITTEN, {ORIGINAL_ANNOTATION: '{"batchSize": 8}'}, {ORIGINAL_ANNOTATION: RECORD},
+     {'spec': {'hyperparameters': SAFE}}),
+], ids=['create', 'rewritten-again-no-patch', 'update-as-in-git', 'update-drops-record', 'update-keeps-own-record'])
+def test_plan_admission_on_create_and_update(hyperparameters, annotations, old_annotations, patch):
+    spec = parse_spec({'device': 'cpu', 'hyperparameters': hyperparameters})
+    rewrite = plan_admission(spec, hyperparameters, annotations, old_annotations, LIMITS)
+    assert rewrite.spec_patch == patch
+    assert rewrite.effective.to_api() == SAFE

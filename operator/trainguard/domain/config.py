@@ -30,7 +30,8 @@ class Config:
     webhook: bool
     webhook_host: str
     webhook_port: int
-    webhook_cert_dir: str              # tls.crt, tls.key, ca.crt (cert-manager); empty: kopf self-signs
+    webhook_cert_dir: str              # tls.crt, tls.key, ca.crt (cert-manager); empty: self-signed at start-up
+    webhook_service: tuple[str, str] | None  # (namespace, name) the API server reaches the webhook through
     log_format: str                    # text | json
     sweep_seconds: float               # how often every run is re-checked for stalls
     metrics_port: int                  # 0: no Prometheus endpoint
@@ -54,6 +55,16 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     if value not in choices:
         raise ConfigError(f'{name} must be one of {", ".join(choices)}, got {value!r}')
     return value
+
+
+def _service(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    raw = env.get(name, '').strip()
+    if not raw:
+        return None
+    namespace, _, service = raw.partition('/')
+    if not namespace or not service or '/' in service:
+        raise ConfigError(f'{name} must be NAMESPACE/NAME, got {raw!r}')
+    return namespace, service
 
 
 def webhook_enabled(env: Mapping[str, str]) -> bool:
@@ -81,6 +92,7 @@ def config_from_env(env: Mapping[str, str]) -> Config:
         webhook_host=env.get('TRAINGUARD_WEBHOOK_HOST', '').strip(),
         webhook_port=_int(env, 'TRAINGUARD_WEBHOOK_PORT', 9443, 1, 65535),
         webhook_cert_dir=env.get('TRAINGUARD_WEBHOOK_CERT_DIR', '').strip(),
+        webhook_service=_service(env, 'TRAINGUARD_WEBHOOK_SERVICE'),
         log_format=_choice(env, 'TRAINGUARD_LOG_FORMAT', 'text', ('text', 'json')),
         sweep_seconds=float(sweep),
         metrics_port=_int(env, 'TRAINGUARD_METRICS_PORT', 0, 0, 65535),

@@ -139,6 +139,25 @@ def plan_rewrite(spec: RunSpec, raw_hyperparameters: Mapping[str, Any], annotati
     return Rewrite(original or spec.hyperparameters, effective, adjustments, patch or None)
 
 
+def plan_admission(spec: RunSpec, raw_hyperparameters: Mapping[str, Any], annotations: Mapping[str, str],
+                   old_annotations: Mapping[str, str], limits: CpuLimits) -> Rewrite:
+    """The webhook's rewrite on CREATE (no old object) and UPDATE.
+
+    An UPDATE that omits the original-values annotation (a GitOps tool applying the manifest
+    as written, which never had it) keeps the first admission's record: the annotation is put
+    back, and the spec is rewritten to the same live values, so a dry run shows no drift.
+    """
+    kept = old_annotations.get(ORIGINAL_ANNOTATION)
+    restore = kept is not None and ORIGINAL_ANNOTATION not in annotations and policy_applies(spec)
+    merged = {**annotations, ORIGINAL_ANNOTATION: kept} if restore and kept is not None else annotations
+    rewrite = plan_rewrite(spec, raw_hyperparameters, merged, limits)
+    if not restore:
+        return rewrite
+    patch = dict(rewrite.spec_patch or {})
+    patch['metadata'] = {'annotations': {ORIGINAL_ANNOTATION: kept}}
+    return dataclasses.replace(rewrite, spec_patch=patch)
+
+
 def _parse_recorded(recorded: str) -> Hyperparameters | None:
     try:
         return parse_hyperparameters(json.loads(recorded), field=f'annotation {ORIGINAL_ANNOTATION}')
