@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import os
+import random
 from typing import Any
 
 import kopf
@@ -39,6 +40,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     # annotations, so a new run costs only the writes the design counts.
     settings.persistence.finalizer = 'trainguard.io/finalizer'
     settings.watching.server_timeout = 300
+    # kopf peering (replicas > 1): kopf pauses *every* operator when live peers share a
+    # priority, so each process takes its own (random unless configured); the highest live one
+    # is active, and a standby takes over once the active one is silent for the lifetime.
+    settings.peering.priority = config.peering_priority or random.SystemRandom().randint(1, 2**31 - 1)
+    settings.peering.lifetime = config.peering_lifetime
     settings.watching.client_timeout = 330
     api = memo.get('api') or KubeApi.from_environment()
     memo.runtime = Runtime(config=config, api=api, clock=memo.get('clock') or system_clock)

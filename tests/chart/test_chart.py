@@ -93,10 +93,13 @@ def test_replicas_add_peering_and_a_disruption_budget():
 
 def test_webhook_with_cert_manager():
     docs = render(CHART / 'ci' / 'webhook-values.yaml')
-    env = {item['name']: item['value'] for item in
+    env = {item['name']: item.get('value', item.get('valueFrom')) for item in
            by_kind(docs, 'Deployment')[0]['spec']['template']['spec']['containers'][0]['env']}
     assert env['TRAINGUARD_WEBHOOK'] == 'on'
     assert env['TRAINGUARD_WEBHOOK_HOST'] == 'tg-trainguard-webhook.trainguard-system.svc'
+    # The API server reaches the webhook through its Service; failures are Events on the operator's Pod.
+    assert env['TRAINGUARD_WEBHOOK_SERVICE'] == 'trainguard-system/tg-trainguard-webhook'
+    assert env['POD_NAME'] == {'fieldRef': {'fieldPath': 'metadata.name'}}
     assert env['TRAINGUARD_WEBHOOK_CERT_DIR'] == '/etc/trainguard/webhook-tls'
     assert by_kind(docs, 'Certificate')[0]['spec']['issuerRef'] == {'name': 'cluster-ca', 'kind': 'ClusterIssuer'}
     assert by_kind(docs, 'ServiceMonitor')[0]['metadata']['labels']['release'] == 'prometheus'

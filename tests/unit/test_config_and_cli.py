@@ -12,6 +12,8 @@ def test_defaults():
     assert config.settings.limits.max_resolution == 128 and config.webhook is False
     assert config.namespaces == () and config.log_format == 'text' and config.sweep_seconds == 5
     assert config.webhook_service is None
+    assert config.peering_priority is None and config.peering_lifetime == 60  # None: random per process
+    assert config_from_env({'TRAINGUARD_PEERING_PRIORITY': '7'}).peering_priority == 7
     assert config_from_env({'TRAINGUARD_WEBHOOK_SERVICE': 'ops/tg-webhook'}).webhook_service == ('ops', 'tg-webhook')
 
 
@@ -22,6 +24,7 @@ def test_defaults():
     ({'TRAINGUARD_LOG_FORMAT': 'xml'}, 'TRAINGUARD_LOG_FORMAT'),
     ({'TRAINGUARD_IMAGE_PULL_POLICY': 'sometimes'}, 'TRAINGUARD_IMAGE_PULL_POLICY'),
     ({'TRAINGUARD_WEBHOOK_SERVICE': 'trainguard-webhook'}, 'TRAINGUARD_WEBHOOK_SERVICE'),
+    ({'TRAINGUARD_PEERING_LIFETIME_SECONDS': '1'}, 'TRAINGUARD_PEERING_LIFETIME_SECONDS'),
 ], ids=lambda value: str(value)[:30])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):

@@ -35,6 +35,8 @@ class Config:
     log_format: str                    # text | json
     sweep_seconds: float               # how often every run is re-checked for stalls
     metrics_port: int                  # 0: no Prometheus endpoint
+    peering_priority: int | None       # kopf peering: highest live priority is active; None: random per process
+    peering_lifetime: int              # seconds a silent peer counts as alive (how fast a standby takes over)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -96,4 +98,7 @@ def config_from_env(env: Mapping[str, str]) -> Config:
         log_format=_choice(env, 'TRAINGUARD_LOG_FORMAT', 'text', ('text', 'json')),
         sweep_seconds=float(sweep),
         metrics_port=_int(env, 'TRAINGUARD_METRICS_PORT', 0, 0, 65535),
+        peering_priority=_int(env, 'TRAINGUARD_PEERING_PRIORITY', 0, 1, 2**31 - 1)
+        if env.get('TRAINGUARD_PEERING_PRIORITY', '').strip() else None,
+        peering_lifetime=_int(env, 'TRAINGUARD_PEERING_LIFETIME_SECONDS', 60, 10, 3600),
     )
