@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools demo kind-demo test test-unit test-operator test-trainer test-manifests lint bench clean
+.PHONY: venv tools demo kind-demo test test-unit test-operator test-trainer test-manifests test-apiserver lint bench clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,10 @@ test-trainer: venv
 bench: venv
 	$(BIN)/python benchmarks/trainer_speed.py
 	$(BIN)/python benchmarks/operator_scale.py
+
+# A real etcd + kube-apiserver: KUBEBUILDER_ASSETS=$$(setup-envtest use 1.36.x -p path) make test-apiserver
+test-apiserver: venv tools
+	$(BIN)/python -m pytest -v -rs tests/apiserver
 
 test-manifests: venv tools
 	$(BIN)/python -m pytest -q tests/manifests tests/chart

@@ -23,7 +23,7 @@ import os
 import pathlib
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -70,10 +70,17 @@ def process_group_gone(pid: int) -> bool:
 
 
 class LocalPodRunner:
+    """``headers``/``ssl`` authenticate the runner itself (a real API server); ``pod_kubeconfig``
+    gives each trainer the credentials of its pod's ServiceAccount (default: ``kubeconfig``)."""
+
     def __init__(self, api_url: str, kubeconfig: pathlib.Path, workdir: pathlib.Path,
-                 poll_seconds: float = 0.25) -> None:
+                 poll_seconds: float = 0.25, *, headers: Mapping[str, str] | None = None,
+                 ssl: Any = None, pod_kubeconfig: Callable[[Mapping[str, Any]], pathlib.Path] | None = None) -> None:
         self._api = api_url.rstrip('/')
         self._kubeconfig = kubeconfig
+        self._headers = dict(headers or {})
+        self._ssl = ssl
+        self._pod_kubeconfig = pod_kubeconfig
         self._workdir = workdir
         self._poll = poll_seconds
         self.processes: dict[str, asyncio.subprocess.Process] = {}  # pod UID -> its running process
@@ -125,14 +132,17 @@ class LocalPodRunner:
         mounts = self.volume_paths(pod)
         args = [str(mounts.get(arg, arg)) for arg in container.get('args', [])]
         env = {**os.environ, **{item['name']: item.get('value', '') for item in container.get('env', [])}}
-        env['KUBECONFIG'] = str(self._kubeconfig)
+        env['KUBECONFIG'] = str(self._pod_kubeconfig(pod) if self._pod_kubeconfig else self._kubeconfig)
         for variable in ('HOME', 'MPLCONFIGDIR', 'TMPDIR'):
             env[variable] = str(mounts.get('/tmp', self._workdir / 'tmp'))
         env.pop('KUBERNETES_SERVICE_HOST', None)  # never take the in-cluster path from here
         return [sys.executable, '-m', 'trainguard_trainer', *args], env
 
+    def session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(headers=self._headers, connector=aiohttp.TCPConnector(ssl=True if self._ssl is None else self._ssl))
+
     async def run_forever(self) -> None:
-        async with aiohttp.ClientSession() as session:
+        async with self.session() as session:
             while True:
                 try:
                     await self._sync(session)
@@ -187,7 +197,7 @@ class LocalPodRunner:
         if self.processes.pop(instance.uid, None) is None:
             return  # killed because its pod was deleted: nothing left to report on
         terminated = {'exitCode': code, 'reason': 'Completed' if code == 0 else 'Error', 'finishedAt': _now()}
-        async with aiohttp.ClientSession() as session:
+        async with self.session() as session:
             await self._set_status(session, key, {
                 'phase': 'Succeeded' if code == 0 else 'Failed',
                 'containerStatuses': [self._container_status(pod, process, False, {'terminated': terminated})]})

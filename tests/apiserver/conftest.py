@@ -1,0 +1,147 @@
+"""A real control plane for the apiserver tier: etcd + kube-apiserver from ``$KUBEBUILDER_ASSETS``.
+
+The folder is setup-envtest's layout (``etcd``, ``kube-apiserver``, ``kubectl``). Without it
+the whole tier skips with one reason. The fixture starts both on free loopback ports in a
+temporary folder, with RBAC on, service-account token signing (so the TokenRequest API mints
+tokens for the operator's and trainers' ServiceAccounts) and a static admin token, and tears
+them down at the end of the session. Written from the documented flags of kube-apiserver and
+etcd (this project's development machine has neither binary; GitHub Actions runs the tier).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+ASSETS = os.environ.get('KUBEBUILDER_ASSETS', '')
+NEEDED = ('etcd', 'kube-apiserver')
+
+AVAILABLE = bool(ASSETS) and all((pathlib.Path(ASSETS) / name).is_file() for name in NEEDED)
+SKIP_REASON = ('the apiserver tier needs KUBEBUILDER_ASSETS naming a folder with etcd and kube-apiserver '
+               '(setup-envtest use <version> -p path); none here')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class ControlPlane:
+    url: str
+    token: str
+    ca: pathlib.Path            # the API server's serving CA (it self-signs into --cert-dir)
+    kubeconfig: pathlib.Path    # admin
+    folder: pathlib.Path
+
+    def env(self, kubeconfig: pathlib.Path | None = None) -> dict[str, str]:
+        path = os.pathsep.join([ASSETS, str(pathlib.Path(sys.executable).parent), os.environ.get('PATH', '')])
+        return {**os.environ, 'KUBECONFIG': str(kubeconfig or self.kubeconfig), 'PATH': path}
+
+    def run(self, *command: str, check: bool = True, kubeconfig: pathlib.Path | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """kubectl or helm against this control plane; fails with their output."""
+        result = subprocess.run(command, env=self.env(kubeconfig), capture_output=True, text=True, timeout=timeout,
+                                cwd=ROOT)
+        if check and result.returncode != 0:
+            raise AssertionError(f'{" ".join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}')
+        return result
+
+    def kubeconfig_for(self, token: str, name: str) -> pathlib.Path:
+        path = self.folder / f'{name}.kubeconfig'
+        path.write_text(kubeconfig_text(self.url, self.ca, token))
+        return path
+
+
+def kubeconfig_text(url: str, ca: pathlib.Path, token: str) -> str:
+    return f'''apiVersion: v1
+kind: Config
+clusters: [{{name: envtest, cluster: {{server: "{url}", certificate-authority: "{ca}"}}}}]
+users: [{{name: user, user: {{token: "{token}"}}}}]
+contexts: [{{name: envtest, context: {{cluster: envtest, user: user, namespace: default}}}}]
+current-context: envtest
+'''
+
+
+def _wait_ready(url: str, token: str, ca: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f'{process.args[0]} exited with {process.returncode} during start-up')
+        try:
+            answer = requests.get(f'{url}/readyz', headers={'Authorization': f'Bearer {token}'}, verify=str(ca),
+                                  timeout=5)
+            if answer.status_code == 200:
+                return
+        except (requests.ConnectionError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError('kube-apiserver was not ready within 90 s')
+
+
+@pytest.fixture(scope='session')
+def control_plane() -> Iterator[ControlPlane]:
+    folder = pathlib.Path(tempfile.mkdtemp(prefix='trainguard-apiserver-'))
+    assets = pathlib.Path(ASSETS)
+    etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
+    token = secrets.token_hex(16)
+    (folder / 'tokens.csv').write_text(f'{token},admin,admin,"system:masters"\n')
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (folder / 'sa.key').write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                      serialization.PrivateFormat.TraditionalOpenSSL,
+                                                      serialization.NoEncryption()))
+    (folder / 'sa.pub').write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    logs = [(folder / 'etcd.log').open('wb'), (folder / 'kube-apiserver.log').open('wb')]
+    etcd = subprocess.Popen([
+        str(assets / 'etcd'), f'--data-dir={folder / "etcd"}',
+        f'--listen-client-urls=http://127.0.0.1:{etcd_port}', f'--advertise-client-urls=http://127.0.0.1:{etcd_port}',
+        f'--listen-peer-urls=http://127.0.0.1:{etcd_peer}', '--unsafe-no-fsync=true',
+    ], stdout=logs[0], stderr=subprocess.STDOUT)
+    apiserver = subprocess.Popen([
+        str(assets / 'kube-apiserver'), f'--etcd-servers=http://127.0.0.1:{etcd_port}',
+        '--bind-address=127.0.0.1', f'--secure-port={api_port}', f'--cert-dir={folder / "certs"}',
+        '--authorization-mode=RBAC', f'--token-auth-file={folder / "tokens.csv"}',
+        '--service-cluster-ip-range=10.0.0.0/24', '--allow-privileged=true',
+        '--service-account-issuer=https://kubernetes.default.svc.cluster.local',
+        f'--service-account-key-file={folder / "sa.pub"}',
+        f'--service-account-signing-key-file={folder / "sa.key"}',
+    ], stdout=logs[1], stderr=subprocess.STDOUT)
+    url = f'https://127.0.0.1:{api_port}'
+    ca = folder / 'certs' / 'apiserver.crt'
+    try:
+        deadline = time.monotonic() + 60
+        while not ca.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _wait_ready(url, token, ca, [etcd, apiserver])
+        kubeconfig = folder / 'admin.kubeconfig'
+        kubeconfig.write_text(kubeconfig_text(url, ca, token))
+        yield ControlPlane(url=url, token=token, ca=ca, kubeconfig=kubeconfig, folder=folder)
+    finally:
+        for process in (apiserver, etcd):
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for log in logs:
+            log.close()
+        if not os.environ.get('TRAINGUARD_KEEP_APISERVER'):
+            shutil.rmtree(folder, ignore_errors=True)
