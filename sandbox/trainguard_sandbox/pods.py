@@ -139,7 +139,8 @@ class LocalPodRunner:
         return [sys.executable, '-m', 'trainguard_trainer', *args], env
 
     def session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(headers=self._headers, connector=aiohttp.TCPConnector(ssl=True if self._ssl is None else self._ssl))
+        connector = aiohttp.TCPConnector(ssl=True if self._ssl is None else self._ssl)
+        return aiohttp.ClientSession(headers=self._headers, connector=connector)
 
     async def run_forever(self) -> None:
         async with self.session() as session:
