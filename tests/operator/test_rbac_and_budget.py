@@ -44,6 +44,9 @@ async def test_every_operator_call_is_allowed_by_the_cluster_role(api, operator,
     await set_pod_phase(api, 'ok-1', 'Running')
     await set_pod_phase(api, 'hung-1', 'Running')
     await beat(api, 'ok', step=3)
+    # Wait for the beat to be mirrored before the garbage replaces it: otherwise, on a loaded
+    # machine, 'ok' may never have a heartbeat and hit its startup timeout while 'hung' retries.
+    await api.wait_for_run('ok', lambda r: (r['status'].get('progress') or {}).get('step') == 3)
     await api.patch('ok', {'metadata': {'annotations': {'trainguard.io/progress': 'garbage'}}})
     await api.wait_for_run('hung', lambda r: r['status'].get('attempts') == 2, timeout=200)
     await set_pod_phase(api, 'ok-1', 'Succeeded')
