@@ -142,6 +142,9 @@ class LocalPodRunner:
         connector = aiohttp.TCPConnector(ssl=True if self._ssl is None else self._ssl)
         return aiohttp.ClientSession(headers=self._headers, connector=connector)
 
+    def log_path(self, key: PodKey) -> pathlib.Path:
+        return self._workdir / 'pods' / key[0] / f'{key[1]}.log'
+
     async def run_forever(self) -> None:
         async with self.session() as session:
             while True:
@@ -170,7 +173,7 @@ class LocalPodRunner:
         await self._set_status(session, key, {'phase': 'Pending', 'conditions': [
             {'type': 'PodScheduled', 'status': 'True'}]})
         command, env = self.command(pod)
-        log_path = self._workdir / 'pods' / key[0] / f'{key[1]}.log'
+        log_path = self.log_path(key)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open('wb') as output:
             process = await asyncio.create_subprocess_exec(*command, env=env, stdout=output,
@@ -198,6 +201,10 @@ class LocalPodRunner:
         if self.processes.pop(instance.uid, None) is None:
             return  # killed because its pod was deleted: nothing left to report on
         terminated = {'exitCode': code, 'reason': 'Completed' if code == 0 else 'Error', 'finishedAt': _now()}
+        if code != 0 and pod['spec']['containers'][0].get('terminationMessagePolicy') == 'FallbackToLogsOnError':
+            # As the kubelet does: the log's tail (at most 80 lines, 2 KiB) becomes the message.
+            tail = self.log_path(key).read_bytes()[-2048:].decode('utf-8', 'replace').splitlines()[-80:]
+            terminated['message'] = '\n'.join(tail)
         async with self.session() as session:
             await self._set_status(session, key, {
                 'phase': 'Succeeded' if code == 0 else 'Failed',

@@ -63,6 +63,8 @@ def test_defaults_render_the_documented_install():
     container = deployment['spec']['template']['spec']['containers'][0]
     env = {item['name']: item['value'] for item in container['env']}
     assert env['TRAINGUARD_CPU_MAX_BATCH_SIZE'] == '4' and env['TRAINGUARD_WEBHOOK'] == 'off'
+    assert env['TRAINGUARD_TRAINER_IMAGE'] == 'ghcr.io/trainguard/trainer:0.1.0'
+    assert env['TRAINGUARD_TRAINER_GPU_IMAGE'] == 'ghcr.io/trainguard/trainer:0.1.0-cuda'
     assert container['args'] == ['run', '--liveness=http://0.0.0.0:8080/healthz', '--standalone']
     assert container['securityContext']['readOnlyRootFilesystem'] is True
     assert deployment['spec']['strategy']['type'] == 'Recreate'

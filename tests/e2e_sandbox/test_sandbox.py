@@ -98,3 +98,15 @@ async def test_retry_resumes_from_the_first_attempts_checkpoint(sandbox):
     second_log = (sandbox.workdir / 'pods' / 'default' / 'resumer-2.log').read_text()
     assert 'resuming from' in second_log and 'epoch 1 of 2 done' in second_log
     assert 'epoch 1/2 step' not in second_log
+
+
+async def test_a_gpu_run_on_a_cpu_only_torch_fails_gpu_unavailable_within_seconds(sandbox):
+    """The sandbox's torch is a CPU-only build: the GPU run must stop, not train on the CPU."""
+    await sandbox.apply(run('gpu', device='gpu', cpuSafety='enforce', backoffLimit=2,
+                            hyperparameters={**TINY['hyperparameters'], 'batchSize': 32, 'numWorkers': 2}))
+    started = time.monotonic()
+    done = await wait_for(sandbox, 'gpu', ('Succeeded', 'Failed'), timeout=60)
+    print(f'GPUUnavailable after {time.monotonic() - started:.1f}s')
+    assert done['status']['reason'] == 'GPUUnavailable', done['status']
+    assert 'GPU unavailable: this torch build is CPU-only' in done['status']['message']
+    assert done['status']['attempts'] == 1 and pods_of(sandbox, 'gpu') == ['gpu-1']

@@ -181,6 +181,29 @@ async def test_oom_killed_fails_with_reason(api, operator):
     assert '1Gi' in run['status']['message']
 
 
+async def test_a_gpu_run_without_usable_cuda_fails_at_once_without_retry(api, operator):
+    await operator.start()
+    await api.create(run_body('gpu', device='gpu', backoffLimit=2))
+    await api.wait_for_run('gpu', phase('Pending'))
+    pod = await api.get('gpu-1', resource=PODS)
+    assert pod['spec']['containers'][0]['image'] == 'ghcr.io/trainguard/trainer:0.1.0-cuda'
+    assert pod['spec']['containers'][0]['terminationMessagePolicy'] == 'FallbackToLogsOnError'
+    line = 'ERROR GPU unavailable: no CUDA device is visible in the container'
+    await set_pod_phase(api, 'gpu-1', 'Running', running={'startedAt': '2026-11-25T12:00:00Z'})
+    await set_pod_phase(api, 'gpu-1', 'Failed', terminated={'exitCode': 4, 'reason': 'Error',
+                                                           'message': f'INFO configuration ...\n{line}'})
+    run = await api.wait_for_run('gpu', phase('Failed'))
+    assert (run['status']['reason'], run['status']['message'], run['status']['attempts']) == (
+        'GPUUnavailable', line, 1)
+    assert await api.find('gpu-2', resource=PODS) is None   # a retry cannot help: none is made
+    events = await api.wait_for(lambda: _failed_events(api, 'gpu'), what='the Failed event')
+    assert events[0]['message'] == line
+
+
+async def _failed_events(api, name: str) -> list[dict]:
+    return [event for event in await events_of(api, name) if event['reason'] == 'Failed']
+
+
 async def test_pod_deleted_by_someone_else(api, operator):
     await operator.start()
     await api.create(run_body('victim', device='cpu'))

@@ -75,3 +75,16 @@ def test_hang_switch_blocks_the_loop_and_stops_the_heartbeat(tmp_path):
         finally:
             process.kill()
             process.wait()
+
+
+def test_a_gpu_run_without_usable_cuda_exits_4_at_once_saying_why(tmp_path):
+    """This machine's torch is a CPU-only build: exactly the case of a GPU run on the CPU image."""
+    started = time.monotonic()
+    process = subprocess.run([sys.executable, '-m', 'trainguard_trainer', '--device', 'gpu', '--batch-size', '32',
+                              '--num-workers', '2', '--resolution', '256', '--crop-size', '256',
+                              '--output-dir', str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 4, process.stdout + process.stderr
+    last = process.stdout.strip().splitlines()[-1]
+    assert 'GPU unavailable: this torch build is CPU-only' in last
+    assert 'epoch' not in process.stdout           # it trained nothing on the CPU
+    print(f'exited in {time.monotonic() - started:.1f}s')

@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from trainguard_trainer.guards import cgroup_cpu_limit, decide_runtime, pick_device, safe_num_workers, torch_threads
+from trainguard_trainer.guards import (
+    GpuUnavailable,
+    cgroup_cpu_limit,
+    decide_runtime,
+    gpu_unavailable_reason,
+    pick_device,
+    safe_num_workers,
+    torch_threads,
+)
 
 
 @pytest.mark.parametrize(('files', 'expected'), [
@@ -35,10 +43,27 @@ def test_workers_drop_to_zero_when_shm_is_too_small():
 
 
 @pytest.mark.parametrize(('requested', 'cuda', 'device'), [
-    ('auto', False, 'cpu'), ('auto', True, 'cuda'), ('gpu', False, 'cpu'), ('cuda', True, 'cuda'),
+    ('auto', False, 'cpu'), ('auto', True, 'cuda'), ('gpu', True, 'cuda'), ('cuda', True, 'cuda'),
     ('cpu', True, 'cpu')])
 def test_device(requested, cuda, device):
     assert pick_device(requested, cuda) == device
+
+
+@pytest.mark.parametrize('requested', ['gpu', 'cuda'])
+def test_a_gpu_run_never_falls_back_to_the_cpu(requested):
+    with pytest.raises(GpuUnavailable):
+        pick_device(requested, cuda_available=False)
+
+
+@pytest.mark.parametrize(('build', 'count', 'error', 'expected'), [
+    (None, 0, None, 'this torch build is CPU-only'),
+    ('12.8', 0, 'Found no NVIDIA driver on your system', 'no CUDA device is visible'),
+    ('12.8', 1, 'CUDA driver version is insufficient for CUDA runtime version', 'driver and CUDA runtime mismatch'),
+    ('12.8', 1, None, None),
+], ids=['cpu-only-build', 'no-device', 'driver-mismatch', 'usable'])
+def test_gpu_unavailable_reason_names_which(build, count, error, expected):
+    reason = gpu_unavailable_reason(build, count, error)
+    assert (reason is None) if expected is None else (expected in reason and reason.startswith('GPU unavailable'))
 
 
 def test_decide_runtime_reads_the_fakes(tmp_path):

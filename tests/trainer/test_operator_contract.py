@@ -33,3 +33,15 @@ def test_pod_args_and_env_parse_into_the_effective_settings(spec):
     assert config.simulate_hang_after_steps == 3 and str(config.output_dir) == '/output'
     if parsed.dataset.source == 'directory':
         assert str(config.data_dir) == '/scans'
+
+
+def test_the_gpu_unavailable_exit_code_is_the_one_the_operator_maps():
+    from trainguard.domain.pods import EXIT_GPU_UNAVAILABLE, observe_pod
+    from trainguard_trainer.cli import EXIT_GPU_UNAVAILABLE as TRAINER_EXIT
+
+    assert TRAINER_EXIT == EXIT_GPU_UNAVAILABLE
+    pod = {'status': {'phase': 'Failed', 'containerStatuses': [{'name': 'trainer', 'state': {'terminated': {
+        'exitCode': TRAINER_EXIT, 'message': 'INFO ...\nERROR GPU unavailable: this torch build is CPU-only'}}}]}}
+    state = observe_pod(pod)
+    assert (state.phase, state.reason, state.message) == ('Failed', 'GPUUnavailable',
+                                                         'ERROR GPU unavailable: this torch build is CPU-only')

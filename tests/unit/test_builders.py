@@ -65,3 +65,16 @@ def test_shm_is_sized_for_the_loader(workers, batch, resolution, expected):
 def test_long_names_stay_valid_label_values():
     value = builders.label_value('x' * 100)
     assert len(value) == 63 and value.startswith('x' * 54)
+
+
+@pytest.mark.parametrize(('spec', 'image'), [
+    ({}, 'cpu-image'),
+    ({'device': 'gpu'}, 'cuda-image'),
+    ({'gpus': 2}, 'cuda-image'),
+    ({'resources': {'limits': {'nvidia.com/gpu': '1'}}}, 'cuda-image'),
+    ({'device': 'gpu', 'image': 'mine'}, 'mine'),
+    ({'device': 'cpu', 'image': 'mine'}, 'mine'),
+], ids=['cpu', 'device-gpu', 'gpus', 'gpu-resource', 'own-image-gpu', 'own-image-cpu'])
+def test_gpu_runs_get_the_cuda_image_unless_they_name_one(spec, image):
+    settings = builders.PodSettings(image='cpu-image', gpu_image='cuda-image')
+    assert builders.trainer_image(parse_spec(spec), settings) == image

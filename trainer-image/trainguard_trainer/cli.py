@@ -60,6 +60,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+EXIT_DATASET = 3
+EXIT_GPU_UNAVAILABLE = 4  # the operator maps it to Failed/GPUUnavailable (trainguard.domain.pods), no retry
+
 # (flag, type, default, help); the environment variable is TRAINGUARD_ + the flag in upper snake case.
 OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ('--device', None, 'auto', 'auto, cpu, gpu or cuda'),
@@ -127,11 +130,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', stream=sys.stdout)
     config = parse_config(list(sys.argv[1:] if argv is None else argv), os.environ)
     from trainguard_trainer.data import DatasetError
+    from trainguard_trainer.guards import GpuUnavailable
     from trainguard_trainer.train import train  # imported after parsing: --help and bad flags stay fast
 
     try:
         train(config)
     except DatasetError as error:
         logging.getLogger('trainguard_trainer').error('dataset: %s', error)
-        return 3
+        return EXIT_DATASET
+    except GpuUnavailable as error:
+        # One line, last in the log: the kubelet quotes it (FallbackToLogsOnError) and the
+        # operator puts it in status.message with reason GPUUnavailable.
+        logging.getLogger('trainguard_trainer').error('%s', error)
+        return EXIT_GPU_UNAVAILABLE
     return 0

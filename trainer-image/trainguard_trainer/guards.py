@@ -72,9 +72,17 @@ def safe_num_workers(num_workers: int, batch_size: int, crop_size: int, shm_free
                f'the DataLoader needs {needed / 2**20:.0f} MiB (was {num_workers})')
 
 
+class GpuUnavailable(RuntimeError):
+    """The run asked for a GPU and CUDA is not usable: training on the CPU instead would run the
+    GPU's settings (batch 32, workers, 256px) on a CPU, the hang this project exists to prevent."""
+
+
 def pick_device(requested: str, cuda_available: bool) -> str:
+    """auto chooses; gpu/cuda get CUDA or stop: never a silent fallback to the CPU."""
     if requested in ('gpu', 'cuda'):
-        return 'cuda' if cuda_available else 'cpu'
+        if not cuda_available:
+            raise GpuUnavailable('GPU unavailable: CUDA is not available to torch')
+        return 'cuda'
     if requested == 'auto':
         return 'cuda' if cuda_available else 'cpu'
     return 'cpu'
@@ -99,3 +107,16 @@ def decide_runtime(requested_device: str, num_workers: int, batch_size: int, cro
     if note:
         notes.append(note)
     return RuntimeDecision(pick_device(requested_device, cuda_available), threads, workers, tuple(notes))
+
+
+def gpu_unavailable_reason(cuda_build: str | None, device_count: int, init_error: str | None) -> str | None:
+    """Why CUDA cannot be used here, in one line, or None when it can."""
+    if cuda_build is None:
+        return ('GPU unavailable: this torch build is CPU-only (torch.version.cuda is None); '
+                'use the CUDA trainer image (TRAINGUARD_TRAINER_GPU_IMAGE)')
+    if device_count == 0:
+        return ('GPU unavailable: no CUDA device is visible in the container (no nvidia.com/gpu allocated, '
+                f'or CUDA_VISIBLE_DEVICES hides them){f": {init_error}" if init_error else ""}')
+    if init_error:
+        return f'GPU unavailable: CUDA could not initialise (driver and CUDA runtime mismatch?): {init_error}'
+    return None

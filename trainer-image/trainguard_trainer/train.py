@@ -108,9 +108,24 @@ def _hang_forever(steps: int) -> None:
     threading.Event().wait()
 
 
+def check_gpu() -> None:
+    """Raise GpuUnavailable naming why, when a GPU run finds no usable CUDA (never train on the CPU)."""
+    init_error = None
+    if torch.version.cuda is not None:
+        try:
+            torch.cuda.init()
+        except Exception as error:  # torch raises RuntimeError or AssertionError, by version
+            init_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = guards.gpu_unavailable_reason(torch.version.cuda, torch.cuda.device_count(), init_error)
+    if reason is not None:
+        raise guards.GpuUnavailable(reason)
+
+
 def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callable[[], float] = time.monotonic,
           wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
           cgroup_root: Any = None, shm_path: Any = None) -> Result:
+    if config.device in ('gpu', 'cuda'):
+        check_gpu()
     decision = guards.decide_runtime(
         config.device, config.num_workers, config.batch_size, config.crop_size,
         cuda_available=torch.cuda.is_available(),

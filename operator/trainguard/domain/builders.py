@@ -37,6 +37,7 @@ class PodSettings:
 
     image: str
     heartbeat_seconds: int = 10
+    gpu_image: str = ''   # for runs that request GPUs and set no spec.image; empty: `image`
     image_pull_policy: str = 'IfNotPresent'
     extra_env: tuple[tuple[str, str], ...] = ()
 
@@ -150,6 +151,16 @@ def _tolerations(spec: RunSpec, device: str) -> list[dict[str, Any]]:
     return tolerations
 
 
+def trainer_image(spec: RunSpec, settings: PodSettings) -> str:
+    """spec.image, else the CUDA image for runs that request GPUs, else the CPU image.
+
+    The default image holds CPU-only torch: a GPU run on it could only fail (GPUUnavailable).
+    """
+    if spec.image:
+        return spec.image
+    return settings.gpu_image if settings.gpu_image and effective_device(spec) == 'gpu' else settings.image
+
+
 def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, settings: PodSettings,
               simulate_hang_after_steps: int | None = None) -> dict[str, Any]:
     device = effective_device(spec)
@@ -181,8 +192,11 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
         volumes.append({'name': 'dshm', 'emptyDir': {'medium': 'Memory', 'sizeLimit': f'{shm_size_mebibytes(hp)}Mi'}})
     container: dict[str, Any] = {
         'name': 'trainer',
-        'image': spec.image or settings.image,
+        'image': trainer_image(spec, settings),
         'imagePullPolicy': settings.image_pull_policy,
+        # The kubelet copies the log's last lines into the terminated state when the trainer
+        # fails without writing /dev/termination-log: the operator quotes them in the status.
+        'terminationMessagePolicy': 'FallbackToLogsOnError',
         'args': trainer_args(spec, hp, device),
         'env': env,
         'resources': _resources(spec),

@@ -14,6 +14,7 @@ from trainguard.domain.policy import CpuLimits
 from trainguard.domain.reconcile import Settings
 
 DEFAULT_TRAINER_IMAGE = 'ghcr.io/trainguard/trainer:0.1.0'
+DEFAULT_TRAINER_GPU_IMAGE = 'ghcr.io/trainguard/trainer:0.1.0-cuda'
 
 
 _PULL_POLICIES = {'always': 'Always', 'ifnotpresent': 'IfNotPresent', 'never': 'Never'}
@@ -81,6 +82,7 @@ def config_from_env(env: Mapping[str, str]) -> Config:
     )
     pod = PodSettings(
         image=env.get('TRAINGUARD_TRAINER_IMAGE', '').strip() or DEFAULT_TRAINER_IMAGE,
+        gpu_image=env.get('TRAINGUARD_TRAINER_GPU_IMAGE', '').strip() or DEFAULT_TRAINER_GPU_IMAGE,
         heartbeat_seconds=_int(env, 'TRAINGUARD_HEARTBEAT_SECONDS', 10, 1, 3600),
         image_pull_policy=_PULL_POLICIES[_choice(env, 'TRAINGUARD_IMAGE_PULL_POLICY', 'ifnotpresent',
                                                  tuple(_PULL_POLICIES))],

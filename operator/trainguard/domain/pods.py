@@ -6,6 +6,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+# The trainer's exit code when a run asks for a GPU and CUDA is not usable (trainguard_trainer.cli);
+# a retry on the same node and image cannot help, so the run fails at once.
+EXIT_GPU_UNAVAILABLE = 4
+
 WAITING_REASONS_WORTH_REPORTING = frozenset({
     'ImagePullBackOff', 'ErrImagePull', 'InvalidImageName', 'CreateContainerConfigError',
     'CreateContainerError', 'CrashLoopBackOff',
@@ -34,6 +38,10 @@ def observe_pod(pod: Mapping[str, Any]) -> PodState:
         limit = _memory_limit(pod)
         return PodState('Failed', 'OOMKilled', 'the trainer ran out of memory and was killed'
                         + (f' (limit {limit})' if limit else ''))
+    if phase == 'Failed' and terminated.get('exitCode') == EXIT_GPU_UNAVAILABLE:
+        last = (terminated.get('message') or '').strip().splitlines()
+        return PodState('Failed', 'GPUUnavailable', last[-1][:300] if last else
+                        f'the trainer found no usable GPU (exit code {EXIT_GPU_UNAVAILABLE})')
     if phase == 'Failed':
         code = terminated.get('exitCode')
         detail = f'the trainer exited with code {code}' if code is not None else (

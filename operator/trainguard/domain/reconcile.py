@@ -170,7 +170,7 @@ def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spe
 def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec, hp: Hyperparameters,
                   attempts: int, settings: Settings, annotations: Mapping[str, str],
                   reason: str, message: str, now: datetime.datetime) -> None:
-    if attempts < spec.backoff_limit + 1:
+    if attempts < spec.backoff_limit + 1 and reason not in NOT_RETRIED:
         plan.events.append(Event('Warning', reason, f'attempt {attempts}: {message}'))
         _start_attempt(plan, target, ref, spec, hp, attempts + 1, settings, annotations, 'Retrying',
                        f'attempt {attempts} failed ({reason}: {message}); started attempt {attempts + 1}'
@@ -178,6 +178,10 @@ def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec
     else:
         suffix = f' after {attempts} attempts' if attempts > 1 else ''
         _finish(target, 'Failed', reason, message + suffix, now)
+
+
+# Failures a new attempt cannot fix: the same image on the same kind of node fails the same way.
+NOT_RETRIED = frozenset({'GPUUnavailable'})
 
 
 def _finish(target: dict[str, Any], phase: str, reason: str, message: str, now: datetime.datetime) -> None:
