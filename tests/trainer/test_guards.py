@@ -5,6 +5,7 @@ import pytest
 from trainguard_trainer.guards import (
     GpuUnavailable,
     cgroup_cpu_limit,
+    choose_data_path,
     decide_runtime,
     gpu_unavailable_reason,
     pick_device,
@@ -71,3 +72,16 @@ def test_decide_runtime_reads_the_fakes(tmp_path):
     decision = decide_runtime('auto', 2, 32, 256, cuda_available=False, cgroup_root=tmp_path,
                               shm_path=tmp_path / 'no-such-shm', cores=8)
     assert (decision.device, decision.threads, decision.num_workers) == ('cpu', 1, 2)
+
+
+@pytest.mark.parametrize(('device', 'requested', 'size', 'gpu_free', 'ram_free', 'path'), [
+    ('cpu', 'auto', 10, None, 1000, 'stream'),
+    ('cpu', 'cache', 10, None, 1000, 'cpu-cache'),
+    ('cuda', 'auto', 10, 1000, 1000, 'gpu-cache'),
+    ('cuda', 'auto', 600, 1000, 10_000, 'cpu-cache'),
+    ('cuda', 'auto', 600, 1000, 1000, 'stream'),
+    ('cuda', 'stream', 10, 1000, 1000, 'stream'),
+], ids=['cpu-streams', 'cpu-asked-cache', 'cuda-fits-gpu', 'cuda-fits-ram', 'cuda-fits-nowhere', 'cuda-asked-stream'])
+def test_choose_data_path(device, requested, size, gpu_free, ram_free, path):
+    chosen, note = choose_data_path(device, requested, size, gpu_free, ram_free)
+    assert chosen == path and note.startswith('data path: ')

@@ -92,3 +92,15 @@ def test_directory_dataset_errors(tmp_path, layout, message):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / 'labels' / 'b.png')
     with pytest.raises(DatasetError, match=message):
         directory_items(root)
+
+
+def test_the_cached_data_path_trains_like_the_streaming_one(tiny, tmp_path, caplog):
+    """CacheDataset + ThreadDataLoader (the CUDA default; in RAM here) sees the same data as streaming:
+    with crop == resolution nothing is random after the cache, so the losses match exactly."""
+    caplog.set_level('INFO', logger='trainguard_trainer')
+    streamed = train(replace(tiny, crop_size=64, data_path='stream', output_dir=tmp_path / 's'),
+                     sender=RecordingSender())
+    cached = train(replace(tiny, crop_size=64, data_path='cache', output_dir=tmp_path / 'c'),
+                   sender=RecordingSender())
+    assert [row['train_loss'] for row in cached.history] == [row['train_loss'] for row in streamed.history]
+    assert 'data path: CacheDataset in RAM' in caplog.text and 'data path: streaming transforms' in caplog.text

@@ -76,6 +76,7 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ('--strides', _int_list, '2,2,2,2', 'UNet strides, one fewer than channels'),
     ('--num-res-units', _bounded_int(0, 8), 2, 'residual units per block'),
     ('--dataset', None, 'synthetic', 'synthetic or directory'),
+    ('--data-path', None, 'auto', 'auto (cache on CUDA, stream on CPU), cache or stream'),
     ('--num-samples', _bounded_int(2, 100000), 64, 'synthetic pairs'),
     ('--data-dir', pathlib.Path, '/data', 'folder with images/ and labels/ (directory dataset)'),
     ('--output-dir', pathlib.Path, '/output', 'checkpoints, metrics.csv, curves.png'),
@@ -88,7 +89,8 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ('--simulate-hang-after-steps', _bounded_int(1, 10**9), None,
      'demo/test switch: block the training loop forever after N steps'),
 ]
-CHOICES = {'--device': ('auto', 'cpu', 'gpu', 'cuda'), '--dataset': ('synthetic', 'directory')}
+CHOICES = {'--device': ('auto', 'cpu', 'gpu', 'cuda'), '--dataset': ('synthetic', 'directory'),
+           '--data-path': ('auto', 'cache', 'stream')}
 
 
 def env_name(flag: str) -> str:
@@ -121,7 +123,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
         channels=args.channels, strides=args.strides, num_res_units=args.num_res_units, dataset=args.dataset,
         num_samples=args.num_samples, data_dir=args.data_dir, output_dir=args.output_dir, seed=args.seed,
         heartbeat_seconds=args.heartbeat_seconds, log_every_steps=args.log_every_steps,
-        system_log_seconds=args.system_log_seconds, run_name=args.run_name,
+        system_log_seconds=args.system_log_seconds, data_path=args.data_path, run_name=args.run_name,
         run_namespace=args.run_namespace, simulate_hang_after_steps=args.simulate_hang_after_steps,
     )
 

@@ -27,6 +27,7 @@ class TrainerConfig:
     heartbeat_seconds: float = 10.0
     log_every_steps: int = 10
     system_log_seconds: float = 30.0
+    data_path: str = 'auto'              # auto | cache | stream (auto: cache on CUDA, stream on CPU)
     run_name: str = ''                   # empty: local use, heartbeats are only logged
     run_namespace: str = 'default'
     simulate_hang_after_steps: int | None = None

@@ -66,22 +66,45 @@ def directory_items(root: pathlib.Path) -> list[dict[str, Any]]:
     return [{'image': str(images[key]), 'label': str(labels[key])} for key in sorted(images)]
 
 
-def transforms(resolution: int, crop_size: int, from_files: bool, train: bool) -> Compose:
-    """Channel-first, intensity to [0, 1], resize to the resolution, random crop when training."""
-    keys = ('image', 'label')
-    steps: list[Any] = []
-    if from_files:
-        steps.append(LoadImaged(keys=keys, image_only=True))
-    steps += [
-        EnsureChannelFirstd(keys=keys, channel_dim='no_channel'),
+KEYS = ('image', 'label')
+
+
+def deterministic_steps(resolution: int, from_files: bool) -> list[Any]:
+    """Load, channel-first, intensity to [0, 1], resize, binary label: the part a cache can keep."""
+    steps: list[Any] = [LoadImaged(keys=KEYS, image_only=True)] if from_files else []
+    return [
+        *steps,
+        EnsureChannelFirstd(keys=KEYS, channel_dim='no_channel'),
         ScaleIntensityd(keys='image'),
-        Resized(keys=keys, spatial_size=(resolution, resolution), mode=('bilinear', 'nearest')),
+        Resized(keys=KEYS, spatial_size=(resolution, resolution), mode=('bilinear', 'nearest')),
         Lambdad(keys='label', func=lambda label: (label > 0).float() if hasattr(label, 'float') else label > 0),
     ]
+
+
+def random_steps(resolution: int, crop_size: int, train: bool) -> list[Any]:
+    """The random crop (training only): applied after the cache, so each epoch sees new crops."""
     if train and crop_size < resolution:
-        steps.append(RandSpatialCropd(keys=keys, roi_size=(crop_size, crop_size), random_size=False))
-    steps.append(EnsureTyped(keys=keys, track_meta=False))
-    return Compose(steps)
+        return [RandSpatialCropd(keys=KEYS, roi_size=(crop_size, crop_size), random_size=False)]
+    return []
+
+
+def transforms(resolution: int, crop_size: int, from_files: bool, train: bool) -> Compose:
+    """The streaming pipeline: every step for every sample, every epoch."""
+    return Compose([*deterministic_steps(resolution, from_files), *random_steps(resolution, crop_size, train),
+                    EnsureTyped(keys=KEYS, track_meta=False)])
+
+
+def cached_transforms(resolution: int, crop_size: int, from_files: bool, train: bool, device: str) -> Compose:
+    """For CacheDataset: it caches up to the first random step, so the deterministic part runs
+    once and its result is kept on ``device`` (the GPU when it fits); the crop runs each fetch."""
+    return Compose([*deterministic_steps(resolution, from_files),
+                    EnsureTyped(keys=KEYS, track_meta=False, device=device),
+                    *random_steps(resolution, crop_size, train)])
+
+
+def dataset_bytes(num_samples: int, resolution: int) -> int:
+    """float32 image and label per sample at the training resolution: what a cache holds."""
+    return num_samples * resolution * resolution * 4 * 2
 
 
 def split(items: list[dict[str, Any]], validation_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

@@ -120,3 +120,24 @@ def gpu_unavailable_reason(cuda_build: str | None, device_count: int, init_error
     if init_error:
         return f'GPU unavailable: CUDA could not initialise (driver and CUDA runtime mismatch?): {init_error}'
     return None
+
+
+def choose_data_path(device: str, requested: str, cache_bytes: int, gpu_free: int | None,
+                     ram_free: int | None) -> tuple[str, str]:
+    """Where the training data lives: 'gpu-cache', 'cpu-cache' or 'stream', and a log line why.
+
+    On CUDA the input pipeline, not the model, bounds a small UNet: the deterministic part of
+    the transforms is cached (on the GPU when it fits in half its free memory, else in half the
+    free RAM) and fed by a ThreadDataLoader. On CPU the streaming path stays unless asked
+    (benchmarks/README.md has both measured). ``requested`` is --data-path: auto, cache or stream.
+    """
+    size = f'{cache_bytes / 2**20:.0f} MiB'
+    if requested == 'stream' or (device != 'cuda' and requested == 'auto'):
+        why = '--data-path stream' if requested == 'stream' else device
+        return 'stream', f'data path: streaming transforms ({why})'
+    if gpu_free is not None and device == 'cuda' and cache_bytes <= gpu_free // 2:
+        return 'gpu-cache', f'data path: CacheDataset on the GPU ({size}) + ThreadDataLoader'
+    if ram_free is not None and cache_bytes <= ram_free // 2:
+        where = 'too large for the GPU' if device == 'cuda' else 'training on the CPU'
+        return 'cpu-cache', f'data path: CacheDataset in RAM ({size}; {where}) + ThreadDataLoader'
+    return 'stream', f'data path: streaming transforms: the data ({size}) does not fit in memory for a cache'

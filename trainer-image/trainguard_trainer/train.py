@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader, Dataset, ThreadDataLoader
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
@@ -43,19 +43,34 @@ def build_model(config: TrainerConfig) -> UNet:
                 strides=config.strides, num_res_units=config.num_res_units)
 
 
-def _loaders(config: TrainerConfig, num_workers: int) -> tuple[DataLoader, DataLoader]:
+def _loaders(config: TrainerConfig, num_workers: int, device: str) -> tuple[DataLoader, DataLoader]:
     if config.dataset == 'directory':
         items, from_files = data.directory_items(config.data_dir), True
     else:
         items, from_files = data.synthetic_items(config.num_samples, config.resolution, config.seed), False
     train_items, val_items = data.split(items, config.validation_fraction, config.seed)
-    train_set = Dataset(train_items, data.transforms(config.resolution, config.crop_size, from_files, train=True))
-    val_set = Dataset(val_items, data.transforms(config.resolution, config.crop_size, from_files, train=False))
+    gpu_free = torch.cuda.mem_get_info()[0] if device == 'cuda' else None
+    path, note = guards.choose_data_path(device, config.data_path, data.dataset_bytes(len(items), config.resolution),
+                                         gpu_free, psutil.virtual_memory().available)
+    log.info(note)
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=num_workers,
-                              generator=generator, drop_last=len(train_set) > config.batch_size)
-    val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=0)
-    return train_loader, val_loader
+    drop_last = len(train_items) > config.batch_size
+    if path == 'stream':
+        train_set = Dataset(train_items, data.transforms(config.resolution, config.crop_size, from_files, train=True))
+        val_set = Dataset(val_items, data.transforms(config.resolution, config.crop_size, from_files, train=False))
+        pin = device == 'cuda'  # page-locked batches let the host-to-GPU copy overlap the step
+        return (DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=num_workers,
+                           generator=generator, drop_last=drop_last, pin_memory=pin),
+                DataLoader(val_set, batch_size=config.batch_size, num_workers=0, pin_memory=pin))
+    cache_device = 'cuda' if path == 'gpu-cache' else 'cpu'
+    train_set = CacheDataset(train_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
+                                                                 True, cache_device), progress=False)
+    val_set = CacheDataset(val_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
+                                                             False, cache_device), progress=False)
+    # Cached tensors (on the GPU) are batched in this process: worker processes would copy them.
+    return (ThreadDataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=0,
+                             generator=generator, drop_last=drop_last),
+            ThreadDataLoader(val_set, batch_size=config.batch_size, num_workers=0))
 
 
 def _system_line(stop: threading.Event, seconds: float) -> None:
@@ -140,7 +155,7 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callabl
     if sender is None:
         sender = KubernetesSender(config.run_name, config.run_namespace) if config.run_name else log_only
     heartbeat = Heartbeat(sender, config.heartbeat_seconds, clock, wall_clock)
-    train_loader, val_loader = _loaders(config, decision.num_workers)
+    train_loader, val_loader = _loaders(config, decision.num_workers, decision.device)
     model = build_model(config).to(decision.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     loss_function = DiceLoss(sigmoid=True)
@@ -163,7 +178,8 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callabl
         for epoch in range(start_epoch, config.epochs + 1):
             epoch_start, seen, loss_sum = clock(), 0, 0.0
             for step, batch in enumerate(train_loader, start=1):
-                images, labels = batch['image'].to(decision.device), batch['label'].to(decision.device)
+                images = batch['image'].to(decision.device, non_blocking=True)
+                labels = batch['label'].to(decision.device, non_blocking=True)
                 optimizer.zero_grad()
                 loss = loss_function(model(images), labels)
                 loss.backward()
