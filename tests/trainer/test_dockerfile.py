@@ -24,3 +24,18 @@ def test_entrypoint_is_the_cli_and_copied_sources_exist():
     assert DOCKERFILE.strip().splitlines()[-1] == 'ENTRYPOINT ["python", "-m", "trainguard_trainer"]'
     for source in re.findall(r'^COPY (\S+) ', DOCKERFILE, re.M):
         assert (ROOT / 'trainer-image' / source).exists(), source
+
+
+def test_the_matplotlib_font_cache_is_built_in_the_image_and_seeded_at_start(tmp_path):
+    from trainguard_trainer.startup import seed_matplotlib_cache
+
+    assert 'MPLCONFIGDIR=/opt/trainguard/matplotlib python -c "import matplotlib.font_manager"' in DOCKERFILE
+    assert 'TRAINGUARD_MATPLOTLIB_CACHE=/opt/trainguard/matplotlib' in DOCKERFILE
+    built = tmp_path / 'image'
+    built.mkdir()
+    (built / 'fontlist-v390.json').write_text('{"fonts": []}')
+    env = {'TRAINGUARD_MATPLOTLIB_CACHE': str(built), 'MPLCONFIGDIR': str(tmp_path / 'pod-tmp' / 'matplotlib')}
+    assert seed_matplotlib_cache(env) == ['fontlist-v390.json']
+    assert (tmp_path / 'pod-tmp' / 'matplotlib' / 'fontlist-v390.json').read_text() == '{"fonts": []}'
+    assert seed_matplotlib_cache(env) == []            # already there: left alone
+    assert seed_matplotlib_cache({'MPLCONFIGDIR': str(tmp_path)}) == []   # outside the image: nothing to do

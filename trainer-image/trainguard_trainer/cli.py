@@ -131,6 +131,9 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', stream=sys.stdout)
     config = parse_config(list(sys.argv[1:] if argv is None else argv), os.environ)
+    from trainguard_trainer.startup import seed_matplotlib_cache
+
+    seed_matplotlib_cache(os.environ)  # before MONAI's import pulls in matplotlib
     from trainguard_trainer.data import DatasetError
     from trainguard_trainer.guards import GpuUnavailable
     from trainguard_trainer.train import train  # imported after parsing: --help and bad flags stay fast
