@@ -21,8 +21,10 @@ import datetime
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -81,6 +83,7 @@ class LocalPodRunner:
         self._headers = dict(headers or {})
         self._ssl = ssl
         self._pod_kubeconfig = pod_kubeconfig
+        self._short_tmp = pathlib.Path(tempfile.mkdtemp(prefix='tgpods-'))  # removed by close()
         self._workdir = workdir
         self._poll = poll_seconds
         self.processes: dict[str, asyncio.subprocess.Process] = {}  # pod UID -> its running process
@@ -133,8 +136,13 @@ class LocalPodRunner:
         args = [str(mounts.get(arg, arg)) for arg in container.get('args', [])]
         env = {**os.environ, **{item['name']: item.get('value', '') for item in container.get('env', [])}}
         env['KUBECONFIG'] = str(self._pod_kubeconfig(pod) if self._pod_kubeconfig else self._kubeconfig)
-        for variable in ('HOME', 'MPLCONFIGDIR', 'TMPDIR'):
+        for variable in ('HOME', 'MPLCONFIGDIR'):
             env[variable] = str(mounts.get('/tmp', self._workdir / 'tmp'))
+        # TMPDIR stays short: DataLoader workers put AF_UNIX sockets there, and a socket path
+        # over 107 bytes fails ("AF_UNIX path too long") where a pod's /tmp never would.
+        short = self._short_tmp / pod['metadata']['uid'][:12]
+        short.mkdir(parents=True, exist_ok=True)
+        env['TMPDIR'] = str(short)
         env.pop('KUBERNETES_SERVICE_HOST', None)  # never take the in-cluster path from here
         return [sys.executable, '-m', 'trainguard_trainer', *args], env
 
@@ -233,3 +241,4 @@ class LocalPodRunner:
         for task in self._waiters.values():
             task.cancel()
         await asyncio.gather(*self._waiters.values(), return_exceptions=True)
+        shutil.rmtree(self._short_tmp, ignore_errors=True)

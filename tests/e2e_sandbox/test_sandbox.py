@@ -110,3 +110,19 @@ async def test_a_gpu_run_on_a_cpu_only_torch_fails_gpu_unavailable_within_second
     assert done['status']['reason'] == 'GPUUnavailable', done['status']
     assert 'GPU unavailable: this torch build is CPU-only' in done['status']['message']
     assert done['status']['attempts'] == 1 and pods_of(sandbox, 'gpu') == ['gpu-1']
+
+
+async def test_a_retry_learns_from_a_hang_with_workers_and_succeeds(sandbox):
+    """Attempt 1 hangs while it has DataLoader workers; attempt 2 runs with none and finishes."""
+    await sandbox.apply(run('learner', annotations={'trainguard.io/simulate-hang-with-workers-after-steps': '2'},
+                            backoffLimit=1, hyperparameters={**TINY['hyperparameters'], 'numWorkers': 1}))
+    done = await wait_for(sandbox, 'learner', ('Succeeded', 'Failed'), timeout=150)
+    status = done['status']
+    assert status['phase'] == 'Succeeded' and status['attempts'] == 2, status
+    assert done['spec']['hyperparameters']['numWorkers'] == 1           # the spec is untouched
+    assert status['attemptHyperparameters']['numWorkers'] == 0
+    assert {'field': 'numWorkers', 'from': 1, 'to': 0, 'attempt': 2}.items() <= status['adjustments'][-1].items()
+    reasons = [event['reason'] for event in await sandbox.events('learner')]
+    assert 'ProgressTimeout' in reasons and 'RetryAdjusted' in reasons, reasons
+    second_log = (sandbox.workdir / 'pods' / 'default' / 'learner-2.log').read_text()
+    assert '"num_workers": 0' in second_log and 'simulating a hang' not in second_log

@@ -204,6 +204,19 @@ async def _failed_events(api, name: str) -> list[dict]:
     return [event for event in await events_of(api, name) if event['reason'] == 'Failed']
 
 
+async def test_an_oom_killed_attempt_is_retried_with_half_the_batch(api, operator):
+    await operator.start()
+    await api.create(run_body('oomr', device='gpu', backoffLimit=1, hyperparameters={'batchSize': 32}))
+    await api.wait_for_run('oomr', phase('Pending'))
+    await set_pod_phase(api, 'oomr-1', 'Failed', terminated={'exitCode': 137, 'reason': 'OOMKilled'})
+    run = await api.wait_for_run('oomr', lambda r: r['status'].get('attempts') == 2)
+    pod = await api.get('oomr-2', resource=PODS)
+    args = pod['spec']['containers'][0]['args']
+    assert args[args.index('--batch-size') + 1] == '16'
+    assert run['spec']['hyperparameters']['batchSize'] == 32
+    assert run['status']['attemptHyperparameters']['batchSize'] == 16
+
+
 async def test_pod_deleted_by_someone_else(api, operator):
     await operator.start()
     await api.create(run_body('victim', device='cpu'))

@@ -45,3 +45,13 @@ def test_the_gpu_unavailable_exit_code_is_the_one_the_operator_maps():
     state = observe_pod(pod)
     assert (state.phase, state.reason, state.message) == ('Failed', 'GPUUnavailable',
                                                          'ERROR GPU unavailable: this torch build is CPU-only')
+
+
+def test_the_gpu_out_of_memory_exit_code_is_the_one_the_operator_retries():
+    from trainguard.domain.pods import EXIT_GPU_OUT_OF_MEMORY, observe_pod
+    from trainguard_trainer.cli import EXIT_GPU_OUT_OF_MEMORY as TRAINER_EXIT
+
+    assert TRAINER_EXIT == EXIT_GPU_OUT_OF_MEMORY
+    pod = {'status': {'phase': 'Failed', 'containerStatuses': [{'name': 'trainer', 'state': {'terminated': {
+        'exitCode': TRAINER_EXIT, 'message': 'ERROR GPU out of memory at batch size 32: CUDA out of memory.'}}}]}}
+    assert observe_pod(pod).reason == 'GPUOutOfMemory'

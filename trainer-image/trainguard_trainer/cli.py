@@ -62,6 +62,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 EXIT_DATASET = 3
 EXIT_GPU_UNAVAILABLE = 4  # the operator maps it to Failed/GPUUnavailable (trainguard.domain.pods), no retry
+EXIT_GPU_OUT_OF_MEMORY = 5  # ... to GPUOutOfMemory, retried with half the batch
 
 # (flag, type, default, help); the environment variable is TRAINGUARD_ + the flag in upper snake case.
 OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     seed_matplotlib_cache(os.environ)  # before MONAI's import pulls in matplotlib
     from trainguard_trainer.data import DatasetError
-    from trainguard_trainer.guards import GpuUnavailable
+    from trainguard_trainer.guards import GpuOutOfMemory, GpuUnavailable
     from trainguard_trainer.train import train  # imported after parsing: --help and bad flags stay fast
 
     try:
@@ -148,4 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # operator puts it in status.message with reason GPUUnavailable.
         logging.getLogger('trainguard_trainer').error('%s', error)
         return EXIT_GPU_UNAVAILABLE
+    except GpuOutOfMemory as error:
+        logging.getLogger('trainguard_trainer').error('%s', error)
+        return EXIT_GPU_OUT_OF_MEMORY
     return 0

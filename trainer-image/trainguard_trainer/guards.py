@@ -109,6 +109,10 @@ def decide_runtime(requested_device: str, num_workers: int, batch_size: int, cro
     return RuntimeDecision(pick_device(requested_device, cuda_available), threads, workers, tuple(notes))
 
 
+class GpuOutOfMemory(RuntimeError):
+    """CUDA ran out of memory: the operator retries the run with half the batch."""
+
+
 def gpu_unavailable_reason(cuda_build: str | None, device_count: int, init_error: str | None) -> str | None:
     """Why CUDA cannot be used here, in one line, or None when it can."""
     if cuda_build is None:

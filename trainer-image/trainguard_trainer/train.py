@@ -211,6 +211,9 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callabl
             _write_outputs(config, history)
             heartbeat.beat(epoch=epoch, epochs=config.epochs, step=steps_per_epoch, steps=steps_per_epoch,
                            loss=row['train_loss'], samples_per_second=row['samples_per_second'], force=True)
+    except torch.cuda.OutOfMemoryError as error:  # a retry with half the batch can fit (exit code 5)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else 'CUDA out of memory'
+        raise guards.GpuOutOfMemory(f'GPU out of memory at batch size {config.batch_size}: {first}') from error
     finally:
         stop_system_log.set()
     return Result(config.epochs - start_epoch + 1, start_epoch, history, heartbeat.sent, total_steps)

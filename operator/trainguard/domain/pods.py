@@ -9,6 +9,13 @@ from typing import Any
 # The trainer's exit code when a run asks for a GPU and CUDA is not usable (trainguard_trainer.cli);
 # a retry on the same node and image cannot help, so the run fails at once.
 EXIT_GPU_UNAVAILABLE = 4
+# ... and when CUDA ran out of memory: retried with half the batch (trainguard.domain.retry).
+EXIT_GPU_OUT_OF_MEMORY = 5
+
+_TRAINER_EXITS = {
+    EXIT_GPU_UNAVAILABLE: ('GPUUnavailable', f'the trainer found no usable GPU (exit code {EXIT_GPU_UNAVAILABLE})'),
+    EXIT_GPU_OUT_OF_MEMORY: ('GPUOutOfMemory', f'CUDA ran out of memory (exit code {EXIT_GPU_OUT_OF_MEMORY})'),
+}
 
 WAITING_REASONS_WORTH_REPORTING = frozenset({
     'ImagePullBackOff', 'ErrImagePull', 'InvalidImageName', 'CreateContainerConfigError',
@@ -38,10 +45,10 @@ def observe_pod(pod: Mapping[str, Any]) -> PodState:
         limit = _memory_limit(pod)
         return PodState('Failed', 'OOMKilled', 'the trainer ran out of memory and was killed'
                         + (f' (limit {limit})' if limit else ''))
-    if phase == 'Failed' and terminated.get('exitCode') == EXIT_GPU_UNAVAILABLE:
+    if phase == 'Failed' and terminated.get('exitCode') in _TRAINER_EXITS:
+        reason, fallback = _TRAINER_EXITS[terminated['exitCode']]
         last = (terminated.get('message') or '').strip().splitlines()
-        return PodState('Failed', 'GPUUnavailable', last[-1][:300] if last else
-                        f'the trainer found no usable GPU (exit code {EXIT_GPU_UNAVAILABLE})')
+        return PodState('Failed', reason, last[-1][:300] if last else fallback)
     if phase == 'Failed':
         code = terminated.get('exitCode')
         detail = f'the trainer exited with code {code}' if code is not None else (

@@ -18,11 +18,15 @@ from trainguard.domain import builders
 from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat
 from trainguard.domain.pods import PodState
 from trainguard.domain.policy import CpuLimits, effective_device, plan_rewrite
-from trainguard.domain.spec import Hyperparameters, RunSpec, SpecError, parse_spec
+from trainguard.domain.retry import adapt_for_retry
+from trainguard.domain.spec import Hyperparameters, RunSpec, SpecError, parse_hyperparameters, parse_spec
 from trainguard.domain.stall import Stalled, judge_stall
 
 TERMINAL_PHASES = frozenset({'Succeeded', 'Failed'})
 HANG_ANNOTATION = 'trainguard.io/simulate-hang-after-steps'
+# Demo/test switch: hang after N steps only in an attempt that has DataLoader workers (the
+# incident's cause), so a retry that learned (numWorkers 0) runs through.
+HANG_WITH_WORKERS_ANNOTATION = 'trainguard.io/simulate-hang-with-workers-after-steps'
 
 
 class PodAbsence(enum.Enum):
@@ -92,22 +96,25 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
         # the status is not patched a second time only to catch up with our own spec write.
         target['observedGeneration'] += 1
     adjustments = [adjustment.to_api() for adjustment in rewrite.adjustments]
-    if adjustments and status.get('adjustments') != adjustments:
-        target['adjustments'] = adjustments
+    recorded = status.get('adjustments') or []
+    retries = [entry for entry in recorded if 'attempt' in entry]  # kept: history of adapted retries
+    if adjustments and [entry for entry in recorded if 'attempt' not in entry] != adjustments:
+        target['adjustments'] = adjustments + retries
         plan.logs += [adjustment.log_line() for adjustment in rewrite.adjustments]
         plan.events.append(Event('Normal', 'CPUOptimized', '; '.join(plan.logs)))
     target['device'] = effective_device(spec)
+    hp = _attempt_hyperparameters(status, rewrite.effective)
 
     attempts = int(status.get('attempts') or 0)
     if attempts == 0:
-        _start_attempt(plan, target, ref, spec, rewrite.effective, 1, settings, annotations,
+        _start_attempt(plan, target, ref, spec, hp, 1, settings, annotations,
                        'PodCreated', f'created trainer pod {builders.pod_name(ref.name, 1)}')
         return _conclude(plan, status, target, now)
 
     current_pod = status.get('podName') or builders.pod_name(ref.name, attempts)
     if pod is PodAbsence.GONE:
-        _fail_attempt(plan, target, ref, spec, rewrite.effective, attempts, settings, annotations,
-                      'PodDeleted', f'trainer pod {current_pod} was deleted', now)
+        _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
+                      'PodDeleted', f'trainer pod {current_pod} was deleted', now, status)
         return _conclude(plan, status, target, now)
     beat = parse_heartbeat(annotations.get(PROGRESS_ANNOTATION))
     if isinstance(pod, PodState):
@@ -117,8 +124,8 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
             _finish(target, 'Succeeded', 'Succeeded', f'training finished in pod {current_pod}', now)
             return _conclude(plan, status, target, now)
         if pod.phase == 'Failed':
-            _fail_attempt(plan, target, ref, spec, rewrite.effective, attempts, settings, annotations,
-                          pod.reason, pod.message, now)
+            _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
+                          pod.reason, pod.message, now, status)
             return _conclude(plan, status, target, now)
         if pod.phase == 'Running':
             target.update(phase='Running', reason='Training', message=f'training in pod {current_pod}')
@@ -142,8 +149,8 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
         if isinstance(verdict, Stalled):
             plan.stalled = verdict.reason
             plan.delete_pods.append(current_pod)  # the hung process dies with its pod
-            _fail_attempt(plan, target, ref, spec, rewrite.effective, attempts, settings, annotations,
-                          verdict.reason, verdict.message, now)
+            _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
+                          verdict.reason, verdict.message, now, status)
     return _conclude(plan, status, target, now)
 
 
@@ -161,7 +168,7 @@ def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spe
     pod_settings = dataclasses.replace(settings.pod, heartbeat_seconds=settings.heartbeat_seconds(spec))
     plan.children += [
         builders.build_service_account(ref), builders.build_role(ref), builders.build_role_binding(ref),
-        builders.build_pod(ref, spec, hp, attempt, pod_settings, _hang_switch(annotations)),
+        builders.build_pod(ref, spec, hp, attempt, pod_settings, _hang_switch(annotations, hp)),
     ]
     target.update(phase='Pending', reason=reason, message=message, attempts=attempt,
                   podName=builders.pod_name(ref.name, attempt), attemptStartTime=None)
@@ -169,9 +176,17 @@ def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spe
 
 def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec, hp: Hyperparameters,
                   attempts: int, settings: Settings, annotations: Mapping[str, str],
-                  reason: str, message: str, now: datetime.datetime) -> None:
+                  reason: str, message: str, now: datetime.datetime, status: Mapping[str, Any]) -> None:
     if attempts < spec.backoff_limit + 1 and reason not in NOT_RETRIED:
         plan.events.append(Event('Warning', reason, f'attempt {attempts}: {message}'))
+        hp, changes = adapt_for_retry(hp, reason, attempts + 1, spec.retry_policy)
+        if changes:
+            lines = [change.log_line() for change in changes]
+            plan.logs += lines
+            plan.events.append(Event('Normal', 'RetryAdjusted', '; '.join(lines)))
+            target['attemptHyperparameters'] = hp.to_api()
+            target['adjustments'] = [*target.get('adjustments', status.get('adjustments') or []),
+                                     *(change.to_api() for change in changes)]
         _start_attempt(plan, target, ref, spec, hp, attempts + 1, settings, annotations, 'Retrying',
                        f'attempt {attempts} failed ({reason}: {message}); started attempt {attempts + 1}'
                        f' of {spec.backoff_limit + 1}')
@@ -188,9 +203,23 @@ def _finish(target: dict[str, Any], phase: str, reason: str, message: str, now: 
     target.update(phase=phase, reason=reason, message=message, completionTime=format_time(now))
 
 
-def _hang_switch(annotations: Mapping[str, str]) -> int | None:
+def _hang_switch(annotations: Mapping[str, str], hp: Hyperparameters) -> int | None:
     value = annotations.get(HANG_ANNOTATION, '')
+    with_workers = annotations.get(HANG_WITH_WORKERS_ANNOTATION, '')
+    if not value.isdigit() and with_workers.isdigit() and hp.num_workers > 0:
+        value = with_workers
     return int(value) if value.isdigit() else None
+
+
+def _attempt_hyperparameters(status: Mapping[str, Any], effective: Hyperparameters) -> Hyperparameters:
+    """The current attempt's settings: adapted by retries (status), else the spec's effective ones."""
+    recorded = status.get('attemptHyperparameters')
+    if not isinstance(recorded, Mapping):
+        return effective
+    try:
+        return parse_hyperparameters(recorded, field='status.attemptHyperparameters')
+    except SpecError:
+        return effective
 
 
 def conditions(phase: str, reason: str, message: str, generation: int,

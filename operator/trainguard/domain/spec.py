@@ -78,6 +78,7 @@ class RunSpec:
     progress_timeout_seconds: int
     startup_timeout_seconds: int
     backoff_limit: int
+    retry_policy: str = 'adapt'   # adapt | same: how a retried attempt's settings follow its failure
 
 
 def _int(raw: Mapping[str, Any], key: str, field: str, default: int, low: int, high: int) -> int:
@@ -197,4 +198,5 @@ def parse_spec(raw: Mapping[str, Any]) -> RunSpec:
         progress_timeout_seconds=_int(raw, 'progressTimeoutSeconds', 'spec', 300, 5, 604800),
         startup_timeout_seconds=_int(raw, 'startupTimeoutSeconds', 'spec', 600, 5, 604800),
         backoff_limit=_int(raw, 'backoffLimit', 'spec', 0, 0, 10),
+        retry_policy=_str(raw, 'retryPolicy', 'spec', 'adapt', ('adapt', 'same')),
     )
