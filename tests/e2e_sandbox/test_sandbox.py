@@ -69,6 +69,11 @@ async def test_hung_run_fails_within_its_timeout_and_the_process_is_killed(sandb
     seen_at = time.monotonic()
     failed = await wait_for(sandbox, 'hung', ('Failed', 'Succeeded'), timeout=60)
     assert failed['status']['phase'] == 'Failed' and failed['status']['reason'] == 'ProgressTimeout'
+    # The trainer's watchdog said where it hung before the pod was deleted.
+    assert failed['status']['message'].endswith('hung in trainer-image/trainguard_trainer/train.py:_hang_forever')
+    assert failed['status']['stallReport']['class'] == 'Unknown'
+    events = {event['reason']: event['message'] for event in await sandbox.events('hung')}
+    assert 'hung in trainer-image/trainguard_trainer/train.py:_hang_forever' in events['ProgressTimeout']
     assert time.monotonic() - seen_at <= 5 + 10
     # The runner sees the pod's deletion at its next poll: wait for that, not for a fixed time.
     [instance] = sandbox.runner.instances_of('default', 'hung-1')

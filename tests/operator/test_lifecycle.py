@@ -146,6 +146,28 @@ async def test_progress_stall_deletes_pod_and_fails(api, operator):
     assert stalled['status'] == 'True'
 
 
+async def test_a_stall_report_reaches_the_status_and_the_event(api, operator):
+    await operator.start()
+    await start_running(api, 'diag')
+    await beat_and_wait(api, 'diag', epoch=1, step=8, loss=0.42)
+    summary = 'hung in torch/utils/data/dataloader.py:_try_get_data; DataLoader worker 1 (pid 42) exited with -9'
+    await api.patch('diag', {'metadata': {'annotations': {'trainguard.io/stall-report': json.dumps({
+        'summary': summary, 'attempt': 1, 'frames': ['torch/utils/data/dataloader.py:1291 _try_get_data'],
+        'workers': ['DataLoader worker 1 (pid 42) exited with -9']})}}})
+    run = await api.wait_for_run('diag', phase('Failed'), timeout=60 + 15)
+    assert run['status']['message'].endswith(f'; {summary}')
+    assert run['status']['stallReport'] == {
+        'class': 'DataLoaderWorkers', 'summary': summary,
+        'frames': ['torch/utils/data/dataloader.py:1291 _try_get_data'],
+        'workers': ['DataLoader worker 1 (pid 42) exited with -9']}
+    events = await api.wait_for(lambda: _events_with(api, 'diag', 'ProgressTimeout'), what='the stall Event')
+    assert summary in events[0]['message']
+
+
+async def _events_with(api, name: str, reason: str) -> list[dict]:
+    return [event for event in await events_of(api, name) if event['reason'] == reason]
+
+
 async def test_startup_stall_fails_with_startup_timeout(api, operator):
     await operator.start()
     await api.create(run_body('mute', device='cpu'))

@@ -89,6 +89,13 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ('--run-namespace', None, 'default', 'namespace of that TrainingRun'),
     ('--simulate-hang-after-steps', _bounded_int(1, 10**9), None,
      'demo/test switch: block the training loop forever after N steps'),
+    ('--simulate-worker-block-after-items', _bounded_int(1, 10**9), None,
+     'test switch: a DataLoader worker process blocks forever after N samples'),
+    ('--stall-report-seconds', _non_negative_float, 0.0,
+     'watchdog: write a stall report after this long without a step (0: off)'),
+    ('--startup-report-seconds', _non_negative_float, 0.0,
+     'watchdog: the same before the first step (0: off)'),
+    ('--attempt', _bounded_int(0, 1000), 0, 'attempt number set by the operator'),
 ]
 CHOICES = {'--device': ('auto', 'cpu', 'gpu', 'cuda'), '--dataset': ('synthetic', 'directory'),
            '--data-path': ('auto', 'cache', 'stream')}
@@ -126,6 +133,9 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
         heartbeat_seconds=args.heartbeat_seconds, log_every_steps=args.log_every_steps,
         system_log_seconds=args.system_log_seconds, data_path=args.data_path, run_name=args.run_name,
         run_namespace=args.run_namespace, simulate_hang_after_steps=args.simulate_hang_after_steps,
+        simulate_worker_block_after_items=args.simulate_worker_block_after_items,
+        stall_report_seconds=args.stall_report_seconds, startup_report_seconds=args.startup_report_seconds,
+        attempt=args.attempt,
     )
 
 

@@ -28,6 +28,10 @@ class TrainerConfig:
     log_every_steps: int = 10
     system_log_seconds: float = 30.0
     data_path: str = 'auto'              # auto | cache | stream (auto: cache on CUDA, stream on CPU)
+    stall_report_seconds: float = 0.0    # watchdog: report after this long without a step; 0: off
+    startup_report_seconds: float = 0.0  # ... before the first step; 0: off
+    attempt: int = 0                     # the operator's attempt number, echoed in the stall report
+    simulate_worker_block_after_items: int | None = None  # test switch: a DataLoader worker blocks forever
     run_name: str = ''                   # empty: local use, heartbeats are only logged
     run_namespace: str = 'default'
     simulate_hang_after_steps: int | None = None

@@ -88,10 +88,34 @@ def random_steps(resolution: int, crop_size: int, train: bool) -> list[Any]:
     return []
 
 
-def transforms(resolution: int, crop_size: int, from_files: bool, train: bool) -> Compose:
+def transforms(resolution: int, crop_size: int, from_files: bool, train: bool,
+               block_worker_after: int | None = None) -> Compose:
     """The streaming pipeline: every step for every sample, every epoch."""
+    extra = [Lambdad(keys='image', func=_WorkerBlocker(block_worker_after))] if block_worker_after else []
     return Compose([*deterministic_steps(resolution, from_files), *random_steps(resolution, crop_size, train),
-                    EnsureTyped(keys=KEYS, track_meta=False)])
+                    *extra, EnsureTyped(keys=KEYS, track_meta=False)])
+
+
+class _WorkerBlocker:
+    """Test switch: inside a DataLoader worker process, block forever after N samples.
+
+    A worker that blocks (an NFS read that never returns, a deadlock after fork) leaves the
+    main process waiting for its batch: the hang the stall report has to explain.
+    """
+
+    def __init__(self, after: int) -> None:
+        self.after, self.seen = after, 0
+
+    def __call__(self, image: Any) -> Any:
+        import threading
+
+        import torch.utils.data
+
+        if torch.utils.data.get_worker_info() is not None:
+            self.seen += 1
+            if self.seen > self.after:
+                threading.Event().wait()
+        return image
 
 
 def cached_transforms(resolution: int, crop_size: int, from_files: bool, train: bool, device: str) -> Compose:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 ANNOTATION = 'trainguard.io/progress'
+STALL_ANNOTATION = 'trainguard.io/stall-report'  # the watchdog's summary (trainguard_trainer.watchdog)
 
 
 class Sender(Protocol):
@@ -25,10 +26,14 @@ def log_only(payload: dict[str, Any]) -> None:
     log.info('heartbeat (no run configured): %s', json.dumps(payload))
 
 
+def log_stall_only(payload: dict[str, Any]) -> None:
+    log.info('stall summary (no run configured): %s', json.dumps(payload))
+
+
 class KubernetesSender:
     """Merge-patches the run's annotation with the official client (in-cluster, else $KUBECONFIG)."""
 
-    def __init__(self, name: str, namespace: str) -> None:
+    def __init__(self, name: str, namespace: str, annotation: str = ANNOTATION) -> None:
         import kubernetes  # imported here: local runs without a cluster never need it
 
         if os.environ.get('KUBERNETES_SERVICE_HOST'):
@@ -39,12 +44,12 @@ class KubernetesSender:
             client = kubernetes.config.new_client_from_config(
                 config_file=os.environ.get('KUBECONFIG') or os.path.expanduser('~/.kube/config'))
         self._api = kubernetes.client.CustomObjectsApi(client)
-        self._name, self._namespace = name, namespace
+        self._name, self._namespace, self._annotation = name, namespace, annotation
 
     def __call__(self, payload: dict[str, Any]) -> None:
         self._api.patch_namespaced_custom_object(
             'trainguard.io', 'v1alpha1', self._namespace, 'trainingruns', self._name,
-            {'metadata': {'annotations': {ANNOTATION: json.dumps(payload, sort_keys=True)}}},
+            {'metadata': {'annotations': {self._annotation: json.dumps(payload, sort_keys=True)}}},
             _content_type='application/merge-patch+json')
 
 

@@ -21,7 +21,15 @@ from monai.networks.nets import UNet
 
 from trainguard_trainer import data, guards
 from trainguard_trainer.config import TrainerConfig
-from trainguard_trainer.heartbeat import Heartbeat, KubernetesSender, Sender, log_only
+from trainguard_trainer.heartbeat import (
+    STALL_ANNOTATION,
+    Heartbeat,
+    KubernetesSender,
+    Sender,
+    log_only,
+    log_stall_only,
+)
+from trainguard_trainer.watchdog import Watchdog, loader_workers
 
 log = logging.getLogger('trainguard_trainer')
 CHECKPOINT = 'checkpoint.pt'
@@ -56,7 +64,8 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str) -> tuple[Data
     generator = torch.Generator().manual_seed(config.seed)
     drop_last = len(train_items) > config.batch_size
     if path == 'stream':
-        train_set = Dataset(train_items, data.transforms(config.resolution, config.crop_size, from_files, train=True))
+        train_set = Dataset(train_items, data.transforms(config.resolution, config.crop_size, from_files, train=True,
+                                                         block_worker_after=config.simulate_worker_block_after_items))
         val_set = Dataset(val_items, data.transforms(config.resolution, config.crop_size, from_files, train=False))
         pin = device == 'cuda'  # page-locked batches let the host-to-GPU copy overlap the step
         return (DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=num_workers,
@@ -136,7 +145,8 @@ def check_gpu() -> None:
         raise guards.GpuUnavailable(reason)
 
 
-def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callable[[], float] = time.monotonic,
+def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: Sender | None = None,
+          clock: Callable[[], float] = time.monotonic,
           wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
           cgroup_root: Any = None, shm_path: Any = None) -> Result:
     if config.device in ('gpu', 'cuda'):
@@ -155,6 +165,13 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callabl
     if sender is None:
         sender = KubernetesSender(config.run_name, config.run_namespace) if config.run_name else log_only
     heartbeat = Heartbeat(sender, config.heartbeat_seconds, clock, wall_clock)
+    if stall_sender is None:
+        stall_sender = (KubernetesSender(config.run_name, config.run_namespace, STALL_ANNOTATION)
+                        if config.run_name else log_stall_only)
+    running: dict[str, Any] = {'iterator': None}  # the epoch's DataLoader iterator, for its workers
+    watchdog = Watchdog(before_first_seconds=config.startup_report_seconds, after_seconds=config.stall_report_seconds,
+                        workers=lambda: loader_workers(running['iterator']), send=stall_sender,
+                        output_dir=config.output_dir, attempt=config.attempt)
     train_loader, val_loader = _loaders(config, decision.num_workers, decision.device)
     model = build_model(config).to(decision.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -172,12 +189,14 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callabl
 
     stop_system_log = threading.Event()
     threading.Thread(target=_system_line, args=(stop_system_log, config.system_log_seconds), daemon=True).start()
+    watchdog.start()
     steps_per_epoch = len(train_loader)
     total_steps = 0
     try:
         for epoch in range(start_epoch, config.epochs + 1):
             epoch_start, seen, loss_sum = clock(), 0, 0.0
-            for step, batch in enumerate(train_loader, start=1):
+            running['iterator'] = iterator = iter(train_loader)
+            for step, batch in enumerate(iterator, start=1):
                 images = batch['image'].to(decision.device, non_blocking=True)
                 labels = batch['label'].to(decision.device, non_blocking=True)
                 optimizer.zero_grad()
@@ -191,6 +210,7 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callabl
                 rate = seen / max(clock() - epoch_start, 1e-9)
                 heartbeat.beat(epoch=epoch, epochs=config.epochs, step=step, steps=steps_per_epoch,
                                loss=loss_value, samples_per_second=rate)
+                watchdog.step()
                 if step % config.log_every_steps == 0 or step == steps_per_epoch:
                     remaining = (config.epochs - epoch) * steps_per_epoch + steps_per_epoch - step
                     eta = remaining * (clock() - epoch_start) / step
@@ -211,9 +231,11 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, clock: Callabl
             _write_outputs(config, history)
             heartbeat.beat(epoch=epoch, epochs=config.epochs, step=steps_per_epoch, steps=steps_per_epoch,
                            loss=row['train_loss'], samples_per_second=row['samples_per_second'], force=True)
+            watchdog.step()  # validation and checkpointing are not a stall
     except torch.cuda.OutOfMemoryError as error:  # a retry with half the batch can fit (exit code 5)
         first = str(error).strip().splitlines()[0] if str(error).strip() else 'CUDA out of memory'
         raise guards.GpuOutOfMemory(f'GPU out of memory at batch size {config.batch_size}: {first}') from error
     finally:
         stop_system_log.set()
+        watchdog.stop()
     return Result(config.epochs - start_epoch + 1, start_epoch, history, heartbeat.sent, total_steps)

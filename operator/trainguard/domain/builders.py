@@ -171,6 +171,10 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
         {'name': 'TRAINGUARD_RUN_NAMESPACE', 'value': run.namespace},
         {'name': 'TRAINGUARD_ATTEMPT', 'value': str(attempt)},
         {'name': 'TRAINGUARD_HEARTBEAT_SECONDS', 'value': str(settings.heartbeat_seconds)},
+        # The trainer's watchdog reports where it hangs at half of each timeout, well before
+        # the operator stops the attempt (trainguard_trainer/watchdog.py).
+        {'name': 'TRAINGUARD_STALL_REPORT_SECONDS', 'value': str(spec.progress_timeout_seconds / 2)},
+        {'name': 'TRAINGUARD_STARTUP_REPORT_SECONDS', 'value': str(spec.startup_timeout_seconds / 2)},
         {'name': 'HOME', 'value': '/tmp'},
         {'name': 'MPLCONFIGDIR', 'value': '/tmp/matplotlib'},
     ]

@@ -21,6 +21,7 @@ from trainguard.domain.policy import CpuLimits, effective_device, plan_rewrite
 from trainguard.domain.retry import adapt_for_retry
 from trainguard.domain.spec import Hyperparameters, RunSpec, SpecError, parse_hyperparameters, parse_spec
 from trainguard.domain.stall import Stalled, judge_stall
+from trainguard.domain.stallreport import STALL_ANNOTATION, parse_stall_report
 
 TERMINAL_PHASES = frozenset({'Succeeded', 'Failed'})
 HANG_ANNOTATION = 'trainguard.io/simulate-hang-after-steps'
@@ -149,8 +150,13 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
         if isinstance(verdict, Stalled):
             plan.stalled = verdict.reason
             plan.delete_pods.append(current_pod)  # the hung process dies with its pod
+            message = verdict.message
+            report = parse_stall_report(annotations.get(STALL_ANNOTATION), attempts)
+            if report is not None:  # where it hung, from the trainer's watchdog
+                message = f'{message}; {report.summary}'
+                target['stallReport'] = report.to_status()
             _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
-                          verdict.reason, verdict.message, now, status)
+                          verdict.reason, message, now, status)
     return _conclude(plan, status, target, now)
 
 
@@ -192,6 +198,8 @@ def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec
                        f' of {spec.backoff_limit + 1}')
     else:
         suffix = f' after {attempts} attempts' if attempts > 1 else ''
+        if reason in ('ProgressTimeout', 'StartupTimeout'):  # `kubectl describe` shows why it stopped
+            plan.events.append(Event('Warning', reason, f'attempt {attempts}: {message}'))
         _finish(target, 'Failed', reason, message + suffix, now)
 
 

@@ -1,0 +1,148 @@
+"""Say where the trainer hung: a watchdog thread that reports stacks and DataLoader workers.
+
+The training loop calls ``step()`` after every optimizer step. When no step has finished for
+``after_seconds`` (``before_first_seconds`` until the first step), the watchdog writes one
+stall report — every thread's Python stack (the frames ``faulthandler`` prints), the state
+of the DataLoader's worker processes, RSS and open files — to the log and to
+``stall-report.txt`` in the output folder, and sends a compact summary to the operator, which
+quotes it when it stops the run. One report per stall: the next finished step re-arms it.
+
+A hang inside C code that holds the GIL stops this thread too: then no report is sent and
+the operator's message says only what it observed, as before.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import logging
+import pathlib
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+log = logging.getLogger('trainguard_trainer')
+SUMMARY_LIMIT = 2048
+REPORT_FILE = 'stall-report.txt'
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerState:
+    pid: int | None
+    alive: bool
+    exitcode: int | None
+
+
+def describe_worker(index: int, worker: WorkerState) -> str:
+    if worker.alive:
+        return f'DataLoader worker {index} (pid {worker.pid}) is alive'
+    return f'DataLoader worker {index} (pid {worker.pid}) exited with {worker.exitcode}'
+
+
+def _innermost(frames: traceback.StackSummary, count: int) -> list[str]:
+    return [f'{_short(frame.filename)}:{frame.lineno} {frame.name}' for frame in list(frames)[-count:]]
+
+
+def _short(filename: str) -> str:
+    """site-packages/torch/utils/data/dataloader.py -> torch/utils/data/dataloader.py."""
+    parts = pathlib.PurePath(filename).parts
+    for anchor in ('site-packages', 'dist-packages'):
+        if anchor in parts:
+            return '/'.join(parts[parts.index(anchor) + 1:])
+    return '/'.join(parts[-3:])
+
+
+# Where every blocked thread ends up: naming these says nothing about *why* it waits.
+_WAIT_PRIMITIVES = ('threading.py', 'queue.py', 'selectors.py', 'socket.py', 'multiprocessing/connection.py',
+                    'multiprocessing/queues.py', 'multiprocessing/synchronize.py', 'subprocess.py')
+
+
+def _hung_in(stack: traceback.StackSummary) -> str:
+    """The innermost frame of the main thread that is not a generic wait (queue, lock, select)."""
+    frames = list(stack)
+    chosen = next((frame for frame in reversed(frames) if not frame.filename.endswith(_WAIT_PRIMITIVES)),
+                  frames[-1])
+    return f'{_short(chosen.filename)}:{chosen.name}'
+
+
+def build_report(main_thread_id: int, workers: list[WorkerState], silent_seconds: float,
+                 step: int) -> tuple[str, dict[str, Any]]:
+    """(the full report, the compact summary sent to the operator)."""
+    frames = sys._current_frames()
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    main = traceback.extract_stack(frames[main_thread_id]) if main_thread_id in frames else None
+    process = psutil.Process()
+    lines = [f'stall report: no training step finished for {silent_seconds:.0f}s (after step {step})']
+    for ident, frame in frames.items():
+        lines.append(f'--- thread {names.get(ident, ident)} ---')
+        lines.append(''.join(traceback.format_stack(frame)).rstrip())
+    lines += [describe_worker(index, worker) for index, worker in enumerate(workers)]
+    lines.append(f'rss {process.memory_info().rss / 2**20:.0f} MiB, open files {len(process.open_files())}')
+    innermost = _innermost(main, 6) if main else []
+    first = f'hung in {_hung_in(main) if main else "?"}'
+    dead = [describe_worker(index, worker) for index, worker in enumerate(workers) if not worker.alive]
+    if dead:
+        first += '; ' + '; '.join(dead)
+    summary = {'summary': first, 'frames': innermost,
+               'workers': [describe_worker(index, worker) for index, worker in enumerate(workers)],
+               'silentSeconds': round(silent_seconds), 'step': step}
+    return '\n'.join(lines), summary
+
+
+class Watchdog:
+    def __init__(self, *, before_first_seconds: float, after_seconds: float,
+                 workers: Callable[[], list[WorkerState]], send: Callable[[dict[str, Any]], None],
+                 output_dir: pathlib.Path, attempt: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._before_first, self._after = before_first_seconds, after_seconds
+        self._workers, self._send, self._output_dir, self._attempt = workers, send, output_dir, attempt
+        self._clock = clock
+        self._main = threading.get_ident()
+        self._last = clock()
+        self._steps = 0
+        self._reported = False
+        self._stop = threading.Event()
+        self.reports = 0
+
+    def step(self) -> None:
+        self._last = self._clock()
+        self._steps += 1
+        self._reported = False
+
+    def start(self) -> None:
+        if self._before_first > 0 or self._after > 0:
+            threading.Thread(target=self._watch, name='trainguard-watchdog', daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            limit = self._after if self._steps else self._before_first
+            silent = self._clock() - self._last
+            if limit > 0 and silent >= limit and not self._reported:
+                self._reported = True
+                self.report(silent)
+
+    def report(self, silent: float) -> None:
+        try:
+            text, summary = build_report(self._main, self._workers(), silent, self._steps)
+            log.warning('%s', text)
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            (self._output_dir / REPORT_FILE).write_text(text + '\n')
+            self._send({**summary, 'attempt': self._attempt})
+            self.reports += 1
+        except Exception as error:  # the watchdog must never be what breaks training
+            log.warning('could not write the stall report: %s', error)
+
+
+def loader_workers(iterator: Any) -> list[WorkerState]:
+    """The worker processes of a running torch DataLoader iterator (none for num_workers=0)."""
+    workers = getattr(iterator, '_workers', None)
+    if not isinstance(workers, collections.abc.Sequence):
+        return []
+    return [WorkerState(worker.pid, worker.is_alive(), worker.exitcode) for worker in workers]
