@@ -43,6 +43,17 @@ _NOT_IN_JUNCTORS = ('type', 'default', 'description', 'nullable', 'additionalPro
                     'x-kubernetes-preserve-unknown-fields', 'x-kubernetes-int-or-string',
                     'x-kubernetes-embedded-resource')
 _VALID_TYPES = ('object', 'array', 'string', 'integer', 'number', 'boolean')
+# The fields of apiextensions/v1 JSONSchemaProps: with strict field validation (kubectl's
+# default) any other key in a schema node is refused as an unknown field.
+_KNOWN_KEYWORDS = frozenset({
+    'id', '$schema', '$ref', 'description', 'type', 'format', 'title', 'default', 'maximum', 'exclusiveMaximum',
+    'minimum', 'exclusiveMinimum', 'maxLength', 'minLength', 'pattern', 'maxItems', 'minItems', 'uniqueItems',
+    'multipleOf', 'enum', 'maxProperties', 'minProperties', 'required', 'items', 'allOf', 'oneOf', 'anyOf', 'not',
+    'properties', 'additionalProperties', 'patternProperties', 'dependencies', 'additionalItems', 'definitions',
+    'externalDocs', 'example', 'nullable', 'x-kubernetes-preserve-unknown-fields', 'x-kubernetes-embedded-resource',
+    'x-kubernetes-int-or-string', 'x-kubernetes-list-map-keys', 'x-kubernetes-list-type', 'x-kubernetes-map-type',
+    'x-kubernetes-validations',
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +101,8 @@ def _evaluate(rule: str, value: Any) -> bool:
 def structural_problems(schema: Schema, path: str = 'openAPIV3Schema') -> list[Refusal]:
     problems: list[Refusal] = []
     for node_path, node in _walk(schema, path):
+        for keyword in sorted(set(node) - _KNOWN_KEYWORDS):
+            problems.append(Refusal(f'{node_path}.{keyword}', 'unknown field: not part of JSONSchemaProps (strict field validation refuses it, otherwise it is dropped)'))
         for keyword in _FORBIDDEN:
             if keyword in node:
                 problems.append(Refusal(f'{node_path}.{keyword}', 'Forbidden: must not be used'))

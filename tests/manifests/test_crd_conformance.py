@@ -77,8 +77,10 @@ def _mutated(change) -> dict[str, Any]:
      f"{SPEC}.x-kubernetes-validations: Invalid value: '.gpu': fieldPath must be a valid path"),
     (lambda spec: spec['properties']['gpus'].update(default=-1),
      f'{SPEC}.properties[gpus].default: Invalid value: -1 is less than the minimum of 0'),
+    (lambda spec: spec['properties']['gpus'].update({'e.g. numWorkers.': None}),
+     f'{SPEC}.properties[gpus].e.g. numWorkers.: unknown field'),
 ], ids=['unbounded-list', 'unbounded-string', 'unbounded-map', 'not-structural', 'rule-does-not-compile',
-        'field-path-unknown', 'default-out-of-bounds'])
+        'field-path-unknown', 'default-out-of-bounds', 'unknown-keyword'])
 def test_each_check_catches_what_the_server_refuses(change, expected) -> None:
     problems = [str(problem) for problem in crd_problems(_mutated(change))]
     assert any(problem.startswith(expected) for problem in problems), problems
