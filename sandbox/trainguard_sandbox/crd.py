@@ -102,7 +102,8 @@ def structural_problems(schema: Schema, path: str = 'openAPIV3Schema') -> list[R
     problems: list[Refusal] = []
     for node_path, node in _walk(schema, path):
         for keyword in sorted(set(node) - _KNOWN_KEYWORDS):
-            problems.append(Refusal(f'{node_path}.{keyword}', 'unknown field: not part of JSONSchemaProps (strict field validation refuses it, otherwise it is dropped)'))
+            problems.append(Refusal(f'{node_path}.{keyword}', 'unknown field: not part of JSONSchemaProps '
+                                                              '(strict field validation refuses it)'))
         for keyword in _FORBIDDEN:
             if keyword in node:
                 problems.append(Refusal(f'{node_path}.{keyword}', 'Forbidden: must not be used'))
