@@ -36,6 +36,16 @@ async def wait_for(sandbox: Sandbox, name: str, phases: tuple[str, ...], timeout
     raise AssertionError(f'{name} never reached {phases}: {(await sandbox.run(name) or {}).get("status")}')
 
 
+async def wait_for_event(sandbox: Sandbox, name: str, reason: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [event for event in await sandbox.events(name) if event['reason'] == reason]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f'no {reason} Event on {name} within {timeout}s'
+        await asyncio.sleep(0.1)
+
+
 @pytest.fixture()
 async def sandbox(tmp_path: pathlib.Path):
     async with Sandbox(tmp_path, sweep_seconds=1) as running:
@@ -72,8 +82,8 @@ async def test_hung_run_fails_within_its_timeout_and_the_process_is_killed(sandb
     # The trainer's watchdog said where it hung before the pod was deleted.
     assert failed['status']['message'].endswith('hung in trainer-image/trainguard_trainer/train.py:_hang_forever')
     assert failed['status']['stallReport']['class'] == 'Unknown'
-    events = {event['reason']: event['message'] for event in await sandbox.events('hung')}
-    assert 'hung in trainer-image/trainguard_trainer/train.py:_hang_forever' in events['ProgressTimeout']
+    event = await wait_for_event(sandbox, 'hung', 'ProgressTimeout')  # posted just after the status
+    assert 'hung in trainer-image/trainguard_trainer/train.py:_hang_forever' in event['message']
     assert time.monotonic() - seen_at <= 5 + 10
     # The runner sees the pod's deletion at its next poll: wait for that, not for a fixed time.
     [instance] = sandbox.runner.instances_of('default', 'hung-1')
@@ -127,7 +137,8 @@ async def test_a_retry_learns_from_a_hang_with_workers_and_succeeds(sandbox):
     assert done['spec']['hyperparameters']['numWorkers'] == 1           # the spec is untouched
     assert status['attemptHyperparameters']['numWorkers'] == 0
     assert {'field': 'numWorkers', 'from': 1, 'to': 0, 'attempt': 2}.items() <= status['adjustments'][-1].items()
-    reasons = [event['reason'] for event in await sandbox.events('learner')]
-    assert 'ProgressTimeout' in reasons and 'RetryAdjusted' in reasons, reasons
+    await wait_for_event(sandbox, 'learner', 'ProgressTimeout')
+    adjusted = await wait_for_event(sandbox, 'learner', 'RetryAdjusted')
+    assert 'Forcing num_workers=0 for attempt 2' in adjusted['message']
     second_log = (sandbox.workdir / 'pods' / 'default' / 'learner-2.log').read_text()
     assert '"num_workers": 0' in second_log and 'simulating a hang' not in second_log
