@@ -30,24 +30,22 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f'must be greater than 0, got {value}')
-    return value
+def _number_above(low: float, *, inclusive: bool) -> Callable[[str], float]:
+    """A float parser refusing values below ``low`` (or equal to it, unless ``inclusive``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
+        if not (value >= low if inclusive else value > low):
+            raise argparse.ArgumentTypeError(f'must be {"at least" if inclusive else "greater than"} {low:g}, '
+                                             f'got {value}')
+        return value
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
-    return value
+_positive_float = _number_above(0, inclusive=False)
+_non_negative_float = _number_above(0, inclusive=True)
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -13,7 +13,6 @@ the operator's message says only what it observed, as before.
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import logging
 import pathlib
@@ -21,7 +20,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -143,6 +142,6 @@ class Watchdog:
 def loader_workers(iterator: Any) -> list[WorkerState]:
     """The worker processes of a running torch DataLoader iterator (none for num_workers=0)."""
     workers = getattr(iterator, '_workers', None)
-    if not isinstance(workers, collections.abc.Sequence):
+    if not isinstance(workers, Sequence):
         return []
     return [WorkerState(worker.pid, worker.is_alive(), worker.exitcode) for worker in workers]

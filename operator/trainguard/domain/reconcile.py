@@ -18,7 +18,7 @@ from trainguard.domain import builders
 from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat
 from trainguard.domain.pods import PodState
 from trainguard.domain.policy import CpuLimits, effective_device, plan_rewrite
-from trainguard.domain.retry import adapt_for_retry
+from trainguard.domain.retry import HANG_REASONS, adapt_for_retry
 from trainguard.domain.spec import Hyperparameters, RunSpec, SpecError, parse_hyperparameters, parse_spec
 from trainguard.domain.stall import Stalled, judge_stall
 from trainguard.domain.stallreport import STALL_ANNOTATION, parse_stall_report
@@ -198,7 +198,7 @@ def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec
                        f' of {spec.backoff_limit + 1}')
     else:
         suffix = f' after {attempts} attempts' if attempts > 1 else ''
-        if reason in ('ProgressTimeout', 'StartupTimeout'):  # `kubectl describe` shows why it stopped
+        if reason in HANG_REASONS:  # `kubectl describe` shows why it stopped
             plan.events.append(Event('Warning', reason, f'attempt {attempts}: {message}'))
         _finish(target, 'Failed', reason, message + suffix, now)
 

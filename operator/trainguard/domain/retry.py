@@ -50,7 +50,7 @@ def adapt_for_retry(hp: Hyperparameters, failure: str, next_attempt: int,
         changes.append(RetryAdjustment('numWorkers', hp.num_workers, 0, failure, next_attempt))
         hp = dataclasses.replace(hp, num_workers=0)
     if failure in MEMORY_REASONS and hp.batch_size > 1:
-        changes.append(RetryAdjustment('batchSize', hp.batch_size, max(1, hp.batch_size // 2), failure,
-                                       next_attempt))
-        hp = dataclasses.replace(hp, batch_size=max(1, hp.batch_size // 2))
+        halved = hp.batch_size // 2  # >= 1, since batch_size > 1
+        changes.append(RetryAdjustment('batchSize', hp.batch_size, halved, failure, next_attempt))
+        hp = dataclasses.replace(hp, batch_size=halved)
     return hp, changes
