@@ -90,10 +90,17 @@ def compile_rule(rule: str) -> Any:
     return cel.compile(rule)
 
 
-def _evaluate(rule: str, value: Any) -> bool:
+def _evaluate(rule: str, value: Any, old: Any = None) -> bool:
     context = cel.Context()
     context.add_variable('self', value)
+    if old is not None:
+        context.add_variable('oldSelf', old)
     return bool(compile_rule(rule).execute(context))
+
+
+def is_transition_rule(rule: Mapping[str, Any]) -> bool:
+    """A rule that reads ``oldSelf`` runs only on an update whose old object has the field."""
+    return 'oldSelf' in rule['rule']
 
 
 # -- CRD creation ----------------------------------------------------------------------------
@@ -141,26 +148,34 @@ def _unbounded(schema: Schema, path: str) -> list[Refusal]:
     return problems
 
 
-def _rule_errors_on(schema: Schema, value: Any, path: str) -> list[Refusal]:
-    """Every rule at this node and below, evaluated on the value as it stands (no defaulting)."""
+def _rule_errors_on(schema: Schema, value: Any, path: str, old: Any = None) -> list[Refusal]:
+    """Every rule at this node and below, evaluated on the value as it stands (no defaulting).
+
+    ``old`` is the value at the same place in the stored object on an update (None on a
+    create, or where the old object lacks the field): transition rules run only with it.
+    """
     errors: list[Refusal] = []
     for rule in schema.get('x-kubernetes-validations') or []:
+        if is_transition_rule(rule) and old is None:
+            continue
         try:
-            if not _evaluate(rule['rule'], value):
+            if not _evaluate(rule['rule'], value, old if is_transition_rule(rule) else None):
                 errors.append(Refusal(path + rule.get('fieldPath', ''), rule.get('message') or
                                       f'failed rule: {rule["rule"]}'))
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             errors.append(Refusal(path, f'Invalid value: "object": no such key: {_key(error)} evaluating rule: '
                                         f'{rule.get("message") or rule["rule"]}'))
     if isinstance(value, Mapping):
+        old_map = old if isinstance(old, Mapping) else {}
         for name, sub in (schema.get('properties') or {}).items():
             if name in value:
-                errors += _rule_errors_on(sub, value[name], f'{path}.{name}')
+                errors += _rule_errors_on(sub, value[name], f'{path}.{name}', old_map.get(name))
         extra = schema.get('additionalProperties')
         if isinstance(extra, Mapping):
             for name, item in value.items():
-                errors += _rule_errors_on(extra, item, f'{path}.{name}')
+                errors += _rule_errors_on(extra, item, f'{path}.{name}', old_map.get(name))
     elif isinstance(value, list) and isinstance(schema.get('items'), Mapping):
+        # Transition rules inside lists need list-map keys to pair items; none of ours do.
         for index, item in enumerate(value):
             errors += _rule_errors_on(schema['items'], item, f'{path}[{index}]')
     return errors
@@ -304,8 +319,9 @@ def admit(schema: Schema, obj: Mapping[str, Any],
     refusals = schema_refusals(schema, value)
     if not refusals:  # the server runs CEL only on schema-valid objects
         body = {key: item for key, item in value.items() if key != 'metadata'}
+        old_body = {key: item for key, item in old.items() if key != 'metadata'} if old is not None else None
         refusals = [Refusal(refusal.field.lstrip('.'), refusal.message)
-                    for refusal in _rule_errors_on(_without_metadata(schema), body, '')]
+                    for refusal in _rule_errors_on(_without_metadata(schema), body, '', old_body)]
     if old is not None:
         refusals = [refusal for refusal in refusals if _at(value, refusal.field) != _at(old, refusal.field)]
     return value, refusals

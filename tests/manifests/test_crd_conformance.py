@@ -48,12 +48,22 @@ CASES = _defaults_and_rules()
 @pytest.mark.parametrize(('node', 'default'), [(node, default) for _, node, default in CASES],
                          ids=[path for path, _, _ in CASES])
 def test_every_rule_evaluates_cleanly_on_every_default_as_written(node, default) -> None:
-    assert _rule_errors_on(node, copy.deepcopy(default), '') == []
+    assert _rule_errors_on(node, copy.deepcopy(default), '') == []  # a create: transition rules do not run
+    # An update that keeps the default: transition rules (oldSelf) run too, and must pass.
+    assert _rule_errors_on(node, copy.deepcopy(default), '', copy.deepcopy(default)) == []
+
+
+def test_a_transition_rule_refuses_a_change_and_only_on_update() -> None:
+    node = run_schema()['properties']['spec']['properties']['numNodes']
+    assert _rule_errors_on(node, 3, '.spec.numNodes') == []
+    assert [str(refusal) for refusal in _rule_errors_on(node, 3, '.spec.numNodes', 2)] == [
+        '.spec.numNodes: spec.numNodes cannot be changed once the run exists']
 
 
 def test_the_rules_sit_under_defaults() -> None:
     """Not a vacuous table: each object with a rule also has a default to check it on."""
-    assert sorted(path for path, _, _ in CASES) == ['[spec][dataset]', '[spec][hyperparameters]', '[spec][model]']
+    assert sorted(path for path, _, _ in CASES) == ['[spec][dataset]', '[spec][hyperparameters]', '[spec][model]',
+                                                    '[spec][numNodes]']
 
 
 def _mutated(change) -> dict[str, Any]:

@@ -59,6 +59,9 @@ MALFORMED = [
     ('res-units-negative', run(model={'numResUnits': -1}), 'spec.model.numResUnits'),
     ('dataset-source-unknown', run(dataset={'source': 's3'}), 'spec.dataset.source'),
     ('dataset-samples-one', run(dataset={'numSamples': 1}), 'spec.dataset.numSamples'),
+    ('num-nodes-zero', run(numNodes=0), 'spec.numNodes'),
+    ('num-nodes-too-many', run(numNodes=65), 'spec.numNodes'),
+    ('num-nodes-text', run(numNodes='2'), 'spec.numNodes'),
     ('directory-without-claim', run(dataset={'source': 'directory'}), 'spec.dataset.claimName'),
     ('dataset-path-relative', run(dataset={'path': 'data'}), 'spec.dataset.path'),
     ('claim-name-uppercase', run(output={'claimName': 'My_Claim'}), 'spec.output.claimName'),
@@ -96,15 +99,17 @@ def test_every_cel_rule_has_a_message_naming_its_field() -> None:
     rules = []
 
     def walk(schema: dict[str, Any]) -> None:
-        rules.extend(schema.get('x-kubernetes-validations') or [])
+        rules.extend((rule, schema.get('type')) for rule in schema.get('x-kubernetes-validations') or [])
         for sub in (schema.get('properties') or {}).values():
             walk(sub)
         if 'items' in schema:
             walk(schema['items'])
 
     walk(load_crd()['spec']['versions'][0]['schema']['openAPIV3Schema'])
-    assert len(rules) == 4
-    assert all(rule['message'].startswith('spec.') and rule['fieldPath'] for rule in rules)
+    assert len(rules) == 5
+    assert all(rule['message'].startswith('spec.') for rule, _ in rules)
+    # A rule on an object names the field it is about; a rule on a scalar is reported at the scalar.
+    assert all(rule.get('fieldPath') for rule, kind in rules if kind == 'object')
 
 
 def test_every_field_has_a_description() -> None:
@@ -126,7 +131,7 @@ def test_printer_columns_and_names() -> None:
     crd = load_crd()
     version = crd['spec']['versions'][0]
     assert [column['name'] for column in version['additionalPrinterColumns']] == [
-        'Phase', 'Device', 'Epoch', 'Progress', 'Loss', 'Reason', 'Age']
+        'Phase', 'Device', 'Nodes', 'Epoch', 'Progress', 'Loss', 'Reason', 'Age']
     assert version['subresources'] == {'status': {}}
     assert crd['spec']['names']['shortNames'] == ['tr']
     assert crd['spec']['names']['categories'] == ['training']

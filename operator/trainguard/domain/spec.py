@@ -21,7 +21,9 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
 }
 DEFAULT_MODEL: dict[str, Any] = {'channels': [16, 32, 64, 128, 256], 'strides': [2, 2, 2, 2], 'numResUnits': 2}
 DEFAULT_DATASET: dict[str, Any] = {'source': 'synthetic', 'numSamples': 64, 'claimName': '', 'path': '/data'}
-DEFAULT_TIMEOUTS: dict[str, int] = {'progressTimeoutSeconds': 300, 'startupTimeoutSeconds': 600, 'backoffLimit': 0}
+MAX_NODES = 64
+DEFAULT_TIMEOUTS: dict[str, int] = {'progressTimeoutSeconds': 300, 'startupTimeoutSeconds': 600, 'backoffLimit': 0,
+                                   'numNodes': 1}
 
 
 class SpecError(ValueError):
@@ -79,6 +81,7 @@ class RunSpec:
     startup_timeout_seconds: int
     backoff_limit: int
     retry_policy: str = 'adapt'   # adapt | same: how a retried attempt's settings follow its failure
+    num_nodes: int = 1            # pods per attempt (a gang when > 1)
 
 
 def _int(raw: Mapping[str, Any], key: str, field: str, default: int, low: int, high: int) -> int:
@@ -199,4 +202,5 @@ def parse_spec(raw: Mapping[str, Any]) -> RunSpec:
         startup_timeout_seconds=_int(raw, 'startupTimeoutSeconds', 'spec', 600, 5, 604800),
         backoff_limit=_int(raw, 'backoffLimit', 'spec', 0, 0, 10),
         retry_policy=_str(raw, 'retryPolicy', 'spec', 'adapt', ('adapt', 'same')),
+        num_nodes=_int(raw, 'numNodes', 'spec', 1, 1, MAX_NODES),
     )
