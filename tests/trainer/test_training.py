@@ -48,7 +48,8 @@ def test_heartbeats_follow_steps_and_epochs(tiny, sender):
     assert [(p['epoch'], p['step']) for p in sender.payloads] == [(1, 1), (1, 4), (2, 4)]
     assert result.heartbeats == 3
     first = sender.payloads[0]
-    assert set(first) == {'epoch', 'epochs', 'step', 'steps', 'loss', 'samplesPerSecond', 'time'}
+    assert set(first) == {'epoch', 'epochs', 'step', 'steps', 'loss', 'samplesPerSecond', 'time', 'worldSize'}
+    assert first['worldSize'] == 1
     assert first['epochs'] == 2 and first['steps'] == 4
 
 

@@ -94,6 +94,8 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ('--startup-report-seconds', _non_negative_float, 0.0,
      'watchdog: the same before the first step (0: off)'),
     ('--attempt', _bounded_int(0, 1000), 0, 'attempt number set by the operator'),
+    ('--collective-timeout-seconds', _positive_float, 600.0,
+     'distributed runs: a collective that waits longer on a dead or frozen peer ends the process'),
 ]
 CHOICES = {'--device': ('auto', 'cpu', 'gpu', 'cuda'), '--dataset': ('synthetic', 'directory'),
            '--data-path': ('auto', 'cache', 'stream')}
@@ -133,7 +135,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
         run_namespace=args.run_namespace, simulate_hang_after_steps=args.simulate_hang_after_steps,
         simulate_worker_block_after_items=args.simulate_worker_block_after_items,
         stall_report_seconds=args.stall_report_seconds, startup_report_seconds=args.startup_report_seconds,
-        attempt=args.attempt,
+        attempt=args.attempt, collective_timeout_seconds=args.collective_timeout_seconds,
     )
 
 

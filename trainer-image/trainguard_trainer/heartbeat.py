@@ -57,8 +57,10 @@ class Heartbeat:
     """Rate-limits beats to one per interval, plus one at every epoch end; never raises."""
 
     def __init__(self, sender: Sender, interval_seconds: float,
-                 clock: Callable[[], float], wall_clock: Callable[[], datetime.datetime]) -> None:
+                 clock: Callable[[], float], wall_clock: Callable[[], datetime.datetime], *,
+                 world_size: int = 1) -> None:
         self._sender, self._interval = sender, interval_seconds
+        self._world_size = world_size
         self._clock, self._wall_clock = clock, wall_clock
         self._last: float | None = None
         self.sent: int = 0
@@ -71,7 +73,7 @@ class Heartbeat:
             return False
         payload = {
             'epoch': epoch, 'epochs': epochs, 'step': step, 'steps': steps, 'loss': round(float(loss), 6),
-            'samplesPerSecond': round(float(samples_per_second), 3),
+            'samplesPerSecond': round(float(samples_per_second), 3), 'worldSize': self._world_size,
             'time': self._wall_clock().astimezone(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ'),
         }
         self._last = now  # a failed beat also waits an interval: an API outage is not hammered every step

@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -14,12 +15,12 @@ from typing import Any
 
 import psutil
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, ThreadDataLoader
+from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler, ThreadDataLoader
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
 
-from trainguard_trainer import data, guards
+from trainguard_trainer import data, distributed, guards
 from trainguard_trainer.config import TrainerConfig
 from trainguard_trainer.heartbeat import (
     STALL_ANNOTATION,
@@ -44,6 +45,7 @@ class Result:
     history: list[dict[str, float]]
     heartbeats: int
     steps: int
+    world_size: int = 1
 
 
 def build_model(config: TrainerConfig) -> UNet:
@@ -51,7 +53,18 @@ def build_model(config: TrainerConfig) -> UNet:
                 strides=config.strides, num_res_units=config.num_res_units)
 
 
-def _loaders(config: TrainerConfig, num_workers: int, device: str) -> tuple[DataLoader, DataLoader]:
+def _samplers(cluster: distributed.Cluster, train_set: Any, val_set: Any,
+              seed: int) -> tuple[DistributedSampler | None, DistributedSampler | None]:
+    """Each rank trains on its own shard (reshuffled every epoch) and validates on its own part."""
+    if not cluster.distributed:
+        return None, None
+    return (DistributedSampler(train_set, num_replicas=cluster.world_size, rank=cluster.rank, shuffle=True, seed=seed),
+            DistributedSampler(val_set, even_divisible=False, num_replicas=cluster.world_size, rank=cluster.rank,
+                               shuffle=False))
+
+
+def _loaders(config: TrainerConfig, num_workers: int, device: str,
+             cluster: distributed.Cluster = distributed.SINGLE) -> tuple[DataLoader, DataLoader]:
     if config.dataset == 'directory':
         items, from_files = data.directory_items(config.data_dir), True
     else:
@@ -62,24 +75,27 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str) -> tuple[Data
                                          gpu_free, psutil.virtual_memory().available)
     log.info(note)
     generator = torch.Generator().manual_seed(config.seed)
-    drop_last = len(train_items) > config.batch_size
+    drop_last = -(-len(train_items) // cluster.world_size) > config.batch_size  # this rank's share
     if path == 'stream':
         train_set = Dataset(train_items, data.transforms(config.resolution, config.crop_size, from_files, train=True,
                                                          block_worker_after=config.simulate_worker_block_after_items))
         val_set = Dataset(val_items, data.transforms(config.resolution, config.crop_size, from_files, train=False))
         pin = device == 'cuda'  # page-locked batches let the host-to-GPU copy overlap the step
-        return (DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=num_workers,
-                           generator=generator, drop_last=drop_last, pin_memory=pin),
-                DataLoader(val_set, batch_size=config.batch_size, num_workers=0, pin_memory=pin))
+        train_sampler, val_sampler = _samplers(cluster, train_set, val_set, config.seed)
+        return (DataLoader(train_set, batch_size=config.batch_size, shuffle=train_sampler is None,
+                           sampler=train_sampler, num_workers=num_workers, generator=generator, drop_last=drop_last,
+                           pin_memory=pin),
+                DataLoader(val_set, batch_size=config.batch_size, sampler=val_sampler, num_workers=0, pin_memory=pin))
     cache_device = 'cuda' if path == 'gpu-cache' else 'cpu'
     train_set = CacheDataset(train_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
                                                                  True, cache_device), progress=False)
     val_set = CacheDataset(val_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
                                                              False, cache_device), progress=False)
+    train_sampler, val_sampler = _samplers(cluster, train_set, val_set, config.seed)
     # Cached tensors (on the GPU) are batched in this process: worker processes would copy them.
-    return (ThreadDataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=0,
-                             generator=generator, drop_last=drop_last),
-            ThreadDataLoader(val_set, batch_size=config.batch_size, num_workers=0))
+    return (ThreadDataLoader(train_set, batch_size=config.batch_size, shuffle=train_sampler is None,
+                             sampler=train_sampler, num_workers=0, generator=generator, drop_last=drop_last),
+            ThreadDataLoader(val_set, batch_size=config.batch_size, sampler=val_sampler, num_workers=0))
 
 
 def _system_line(stop: threading.Event, seconds: float) -> None:
@@ -92,16 +108,21 @@ def _system_line(stop: threading.Event, seconds: float) -> None:
                  process.memory_info().rss / 2**20, memory.available / 2**20)
 
 
-def _evaluate(model: torch.nn.Module, loader: DataLoader, device: str) -> float:
-    metric = DiceMetric(include_background=True, reduction='mean')
+def _evaluate(model: torch.nn.Module, loader: DataLoader, device: str,
+              cluster: distributed.Cluster = distributed.SINGLE) -> float:
+    """Mean Dice over the validation set; each rank scores its part and the sums are combined."""
+    metric = DiceMetric(include_background=True, reduction='sum', get_not_nans=True)
     model.eval()
+    batches = 0
     with torch.no_grad():
         for batch in loader:
             prediction = (torch.sigmoid(model(batch['image'].to(device))) > 0.5).float()
             metric(y_pred=prediction, y=batch['label'].to(device))
+            batches += 1
     model.train()
-    value = float(metric.aggregate().item())
-    return value if value == value else 0.0  # NaN (no foreground anywhere) counts as 0
+    total, counted = (float(value.item()) for value in metric.aggregate()) if batches else (0.0, 0.0)
+    total, counted = distributed.all_sum(cluster, [total, counted], device)
+    return total / counted if counted else 0.0  # samples with no foreground anywhere (NaN) are not counted
 
 
 def _write_outputs(config: TrainerConfig, history: list[dict[str, float]]) -> None:
@@ -145,10 +166,16 @@ def check_gpu() -> None:
         raise guards.GpuUnavailable(reason)
 
 
+def _no_beat(payload: dict[str, Any]) -> None:
+    """Ranks other than 0 do not beat: rank 0's heartbeat speaks for the gang, since a hung rank
+    stops rank 0 at the next collective."""
+
+
 def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: Sender | None = None,
           clock: Callable[[], float] = time.monotonic,
           wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
-          cgroup_root: Any = None, shm_path: Any = None) -> Result:
+          cgroup_root: Any = None, shm_path: Any = None, cluster: distributed.Cluster | None = None) -> Result:
+    cluster = cluster or distributed.from_env(os.environ)
     if config.device in ('gpu', 'cuda'):
         check_gpu()
     decision = guards.decide_runtime(
@@ -162,17 +189,31 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: 
     effective = {**dataclasses.asdict(config), 'device': decision.device, 'num_workers': decision.num_workers}
     log.info('configuration: %s', json.dumps(effective, default=str, sort_keys=True))
 
+    distributed.start(cluster, decision.device, config.collective_timeout_seconds)
+    try:
+        return _train(config, decision, cluster, sender, stall_sender, clock, wall_clock)
+    finally:
+        distributed.stop(cluster)
+
+
+def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: distributed.Cluster,
+           sender: Sender | None, stall_sender: Sender | None, clock: Callable[[], float],
+           wall_clock: Callable[[], datetime.datetime]) -> Result:
+    if not cluster.main:
+        sender, stall_sender = _no_beat, log_stall_only  # each rank's stall report still goes to its log
     if sender is None:
         sender = KubernetesSender(config.run_name, config.run_namespace) if config.run_name else log_only
-    heartbeat = Heartbeat(sender, config.heartbeat_seconds, clock, wall_clock)
+    heartbeat = Heartbeat(sender, config.heartbeat_seconds, clock, wall_clock, world_size=cluster.world_size)
     if stall_sender is None:
         stall_sender = (KubernetesSender(config.run_name, config.run_namespace, STALL_ANNOTATION)
                         if config.run_name else log_stall_only)
     running: dict[str, Any] = {'iterator': None}  # the epoch's DataLoader iterator, for its workers
     watchdog = Watchdog(before_first_seconds=config.startup_report_seconds, after_seconds=config.stall_report_seconds,
                         workers=lambda: loader_workers(running['iterator']), send=stall_sender,
-                        output_dir=config.output_dir, attempt=config.attempt)
-    train_loader, val_loader = _loaders(config, decision.num_workers, decision.device)
+                        output_dir=config.output_dir, attempt=config.attempt,
+                        context=(f'rank {cluster.rank} of {cluster.world_size}, DistributedDataParallel: '
+                                 'every step waits for all ranks' if cluster.distributed else ''))
+    train_loader, val_loader = _loaders(config, decision.num_workers, decision.device, cluster)
     model = build_model(config).to(decision.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     loss_function = DiceLoss(sigmoid=True)
@@ -180,12 +221,23 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: 
     history: list[dict[str, float]] = []
     start_epoch = 1
     checkpoint_path = config.output_dir / CHECKPOINT
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=decision.device, weights_only=False)
+    # Only rank 0 has the output volume: it reads the checkpoint and every rank resumes from it.
+    state = None
+    if cluster.main and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location='cpu' if cluster.distributed else decision.device,
+                           weights_only=False)
+    state = distributed.broadcast(cluster, state)
+    if state is not None:
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
         history, start_epoch = state['history'], state['epoch'] + 1
         log.info('resuming from %s: epoch %d of %d done', checkpoint_path, state['epoch'], config.epochs)
+    # DistributedDataParallel averages gradients over the ranks in backward(); the checkpoint
+    # keeps the bare model's weights, so 1-node and N-node runs resume from each other.
+    network: torch.nn.Module = model
+    if cluster.distributed:
+        network = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[cluster.local_rank] if decision.device == 'cuda' else None)
 
     stop_system_log = threading.Event()
     threading.Thread(target=_system_line, args=(stop_system_log, config.system_log_seconds), daemon=True).start()
@@ -195,19 +247,21 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: 
     try:
         for epoch in range(start_epoch, config.epochs + 1):
             epoch_start, seen, loss_sum = clock(), 0, 0.0
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
             running['iterator'] = iterator = iter(train_loader)
             for step, batch in enumerate(iterator, start=1):
                 images = batch['image'].to(decision.device, non_blocking=True)
                 labels = batch['label'].to(decision.device, non_blocking=True)
                 optimizer.zero_grad()
-                loss = loss_function(model(images), labels)
+                loss = loss_function(network(images), labels)
                 loss.backward()
                 optimizer.step()
                 loss_value = float(loss.item())  # one device sync per step, shared by the sum, beat and log
                 seen += images.shape[0]
                 loss_sum += loss_value * images.shape[0]
                 total_steps += 1
-                rate = seen / max(clock() - epoch_start, 1e-9)
+                rate = seen * cluster.world_size / max(clock() - epoch_start, 1e-9)  # ranks step together
                 heartbeat.beat(epoch=epoch, epochs=config.epochs, step=step, steps=steps_per_epoch,
                                loss=loss_value, samples_per_second=rate)
                 watchdog.step()
@@ -216,19 +270,23 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: 
                     eta = remaining * (clock() - epoch_start) / step
                     log.info('epoch %d/%d step %d/%d loss %.4f %.1f samples/s ETA %.0fs', epoch, config.epochs,
                              step, steps_per_epoch, loss_value, rate, eta)
-                if config.simulate_hang_after_steps is not None and total_steps >= config.simulate_hang_after_steps:
+                # In a gang only the last rank freezes: the case where one rank blocks the others.
+                if (config.simulate_hang_after_steps is not None and cluster.last
+                        and total_steps >= config.simulate_hang_after_steps):
                     _hang_forever(total_steps)
             seconds = clock() - epoch_start
-            val_dice = _evaluate(model, val_loader, decision.device)
+            seen, loss_sum = distributed.all_sum(cluster, [seen, loss_sum], decision.device)
+            val_dice = _evaluate(model, val_loader, decision.device, cluster)
             row = {'epoch': epoch, 'train_loss': round(loss_sum / max(seen, 1), 6), 'val_dice': round(val_dice, 6),
                    'seconds': round(seconds, 3), 'samples_per_second': round(seen / max(seconds, 1e-9), 3)}
             history.append(row)
             log.info('epoch %d/%d done: train loss %.4f, validation Dice %.4f, %.1fs', epoch, config.epochs,
                      row['train_loss'], val_dice, seconds)
-            config.output_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-                        'history': history}, checkpoint_path)
-            _write_outputs(config, history)
+            if cluster.main:
+                config.output_dir.mkdir(parents=True, exist_ok=True)
+                torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+                            'history': history}, checkpoint_path)
+                _write_outputs(config, history)
             heartbeat.beat(epoch=epoch, epochs=config.epochs, step=steps_per_epoch, steps=steps_per_epoch,
                            loss=row['train_loss'], samples_per_second=row['samples_per_second'], force=True)
             watchdog.step()  # validation and checkpointing are not a stall
@@ -238,4 +296,5 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: 
     finally:
         stop_system_log.set()
         watchdog.stop()
-    return Result(config.epochs - start_epoch + 1, start_epoch, history, heartbeat.sent, total_steps)
+    return Result(config.epochs - start_epoch + 1, start_epoch, history, heartbeat.sent, total_steps,
+                  cluster.world_size)

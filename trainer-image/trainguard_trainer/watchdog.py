@@ -70,8 +70,12 @@ def _hung_in(stack: traceback.StackSummary) -> str:
 
 
 def build_report(main_thread_id: int, workers: list[WorkerState], silent_seconds: float,
-                 step: int) -> tuple[str, dict[str, Any]]:
-    """(the full report, the compact summary sent to the operator)."""
+                 step: int, context: str = '') -> tuple[str, dict[str, Any]]:
+    """(the full report, the compact summary sent to the operator).
+
+    ``context`` ends the summary's first line: in a distributed run it says the step waits for
+    every rank, since rank 0 then hangs in autograd or a collective on behalf of a peer.
+    """
     frames = sys._current_frames()
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     main = traceback.extract_stack(frames[main_thread_id]) if main_thread_id in frames else None
@@ -87,6 +91,9 @@ def build_report(main_thread_id: int, workers: list[WorkerState], silent_seconds
     dead = [describe_worker(index, worker) for index, worker in enumerate(workers) if not worker.alive]
     if dead:
         first += '; ' + '; '.join(dead)
+    if context:
+        first += f'; {context}'
+        lines.insert(1, context)
     summary = {'summary': first, 'frames': innermost,
                'workers': [describe_worker(index, worker) for index, worker in enumerate(workers)],
                'silentSeconds': round(silent_seconds), 'step': step}
@@ -96,10 +103,11 @@ def build_report(main_thread_id: int, workers: list[WorkerState], silent_seconds
 class Watchdog:
     def __init__(self, *, before_first_seconds: float, after_seconds: float,
                  workers: Callable[[], list[WorkerState]], send: Callable[[dict[str, Any]], None],
-                 output_dir: pathlib.Path, attempt: int, clock: Callable[[], float] = time.monotonic) -> None:
+                 output_dir: pathlib.Path, attempt: int, clock: Callable[[], float] = time.monotonic,
+                 context: str = '') -> None:
         self._before_first, self._after = before_first_seconds, after_seconds
         self._workers, self._send, self._output_dir, self._attempt = workers, send, output_dir, attempt
-        self._clock = clock
+        self._clock, self._context = clock, context
         self._main = threading.get_ident()
         self._last = clock()
         self._steps = 0
@@ -129,7 +137,7 @@ class Watchdog:
 
     def report(self, silent: float) -> None:
         try:
-            text, summary = build_report(self._main, self._workers(), silent, self._steps)
+            text, summary = build_report(self._main, self._workers(), silent, self._steps, self._context)
             log.warning('%s', text)
             self._output_dir.mkdir(parents=True, exist_ok=True)
             (self._output_dir / REPORT_FILE).write_text(text + '\n')
