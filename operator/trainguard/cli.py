@@ -72,7 +72,7 @@ def sandbox(argv: list[str]) -> int:
     parser.add_argument('--demo', action='store_true', help='apply the two demo samples and report')
     parser.add_argument('--workdir', type=pathlib.Path, default=None, help='kubeconfig, volumes and pod logs')
     parser.add_argument('--port', type=int, default=None, help='API port on 127.0.0.1 (default: any free)')
-    parser.add_argument('--timeout', type=float, default=150.0, help='demo: give up after this many seconds')
+    parser.add_argument('--timeout', type=float, default=300.0, help='demo: give up after this many seconds')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix='trainguard-sandbox-'))

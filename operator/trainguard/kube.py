@@ -59,6 +59,7 @@ class KubeApi:
         namespace = body['metadata']['namespace']
         create = {
             'Pod': self.core.create_namespaced_pod,
+            'Service': self.core.create_namespaced_service,
             'ServiceAccount': self.core.create_namespaced_service_account,
             'Role': self.rbac.create_namespaced_role,
             'RoleBinding': self.rbac.create_namespaced_role_binding,

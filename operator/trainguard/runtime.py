@@ -19,9 +19,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from trainguard.domain import reconcile as machine
-from trainguard.domain.builders import RUN_LABEL, pod_name
+from trainguard.domain.builders import RUN_LABEL, attempt_pod_names
 from trainguard.domain.config import Config
 from trainguard.domain.pods import PodState, observe_pod
+from trainguard.domain.spec import MAX_NODES
 from trainguard.domain.stall import due_for_sweep
 from trainguard.kube import KubeApi
 from trainguard.metrics import Metrics
@@ -33,6 +34,13 @@ RunKey = tuple[str, str]  # (namespace, name)
 PIN_SECONDS = 300.0
 RESYNC_SWEEPS = 6  # a full reconcile of every live run every 6 sweeps (30 s by default)
 SWEEP_WORKERS = 8  # runs reconciled side by side by the sweeper
+
+
+def _num_nodes(run: Mapping[str, Any]) -> int:
+    """spec.numNodes (fixed once the run exists: a CRD transition rule); 1 when absent or invalid,
+    where reconcile reports the invalid spec."""
+    value = (run.get('spec') or {}).get('numNodes', 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_NODES else 1
 
 
 def system_clock() -> datetime.datetime:
@@ -87,8 +95,10 @@ class Runtime:
             self._warned.pop(key, None)
             self._locks.pop(key, None)
         attempts = int(((run or {}).get('status') or {}).get('attempts') or 0)
+        nodes = _num_nodes(run or {})
         for attempt in range(1, attempts + 1):  # its pods go with it (garbage collector)
-            self.pods.pop((key[0], pod_name(key[1], attempt)), None)
+            for name in attempt_pod_names(key[1], attempt, nodes):
+                self.pods.pop((key[0], name), None)
 
     def observe_pod(self, event_type: str, pod: Mapping[str, Any]) -> RunKey | None:
         metadata = pod.get('metadata') or {}
@@ -114,17 +124,25 @@ class Runtime:
             self._apply(key, run, plan, logger)
             return plan
 
-    def _pod_view(self, run: Mapping[str, Any]) -> PodState | machine.PodAbsence:
+    def _pod_view(self, run: Mapping[str, Any]) -> machine.Gang | machine.PodAbsence:
+        """The current attempt's pods in rank order (one for a single-node run)."""
         status = run.get('status') or {}
         name = status.get('podName')
         if not name or status.get('phase') in machine.TERMINAL_PHASES:
             return machine.PodAbsence.UNKNOWN
-        key = (run['metadata']['namespace'], name)
-        if key not in self.pods:
-            # Not seen on the watch yet (e.g. just after a restart): ask once rather than guess.
-            pod = self.api.read_pod(*key)
-            self.pods[key] = machine.PodAbsence.GONE if pod is None else observe_pod(pod)
-        return self.pods[key]
+        namespace = run['metadata']['namespace']
+        names = attempt_pod_names(run['metadata']['name'], int(status.get('attempts') or 1), _num_nodes(run))
+        if len(names) == 1:
+            names = [name]  # the name the status recorded (runs from before gangs included)
+        members = []
+        for member in names:
+            key = (namespace, member)
+            if key not in self.pods:
+                # Not seen on the watch yet (e.g. just after a restart): ask once rather than guess.
+                pod = self.api.read_pod(*key)
+                self.pods[key] = machine.PodAbsence.GONE if pod is None else observe_pod(pod)
+            members.append((member, self.pods[key]))
+        return machine.Gang(tuple(members))
 
     def _apply(self, key: RunKey, run: Mapping[str, Any], plan: machine.Plan,
                logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:

@@ -31,9 +31,26 @@ def gpu_pod():
     return builders.build_pod(RUN, spec, spec.hyperparameters, 2, SETTINGS, simulate_hang_after_steps=None)
 
 
+def gang_pod(rank: int, **spec):
+    parsed = parse_spec({'numNodes': 2, 'hyperparameters': {'batchSize': 4, 'numWorkers': 0, 'resolution': 128,
+                                                           'cropSize': 128},
+                         'output': {'claimName': 'out'}, **spec})
+    return builders.build_pod(RUN, parsed, parsed.hyperparameters, 3, SETTINGS, rank=rank)
+
+
+def single_node_two_gpu_pod():
+    spec = parse_spec({'gpus': 2})
+    return builders.build_pod(RUN, spec, spec.hyperparameters, 1, SETTINGS)
+
+
 CASES = {
     'pod-cpu': cpu_pod,
     'pod-gpu': gpu_pod,
+    'pod-2node-rank0': lambda: gang_pod(0),
+    'pod-2node-rank1': lambda: gang_pod(1),
+    'pod-2node-gpu-rank1': lambda: gang_pod(1, gpus=4),
+    'pod-1node-2gpu': single_node_two_gpu_pod,
+    'service': lambda: builders.build_service(RUN),
     'serviceaccount': lambda: builders.build_service_account(RUN),
     'role': lambda: builders.build_role(RUN),
     'rolebinding': lambda: builders.build_role_binding(RUN),
@@ -78,3 +95,41 @@ def test_long_names_stay_valid_label_values():
 def test_gpu_runs_get_the_cuda_image_unless_they_name_one(spec, image):
     settings = builders.PodSettings(image='cpu-image', gpu_image='cuda-image')
     assert builders.trainer_image(parse_spec(spec), settings) == image
+
+
+@pytest.mark.parametrize(('run', 'attempt', 'nodes', 'expected'), [
+    ('unet', 2, 1, ['unet-2']),
+    ('unet', 2, 3, ['unet-2-0', 'unet-2-1', 'unet-2-2']),
+], ids=['single-node-keeps-its-name', 'gang'])
+def test_attempt_pod_names(run, attempt, nodes, expected):
+    assert builders.attempt_pod_names(run, attempt, nodes) == expected
+
+
+@pytest.mark.parametrize(('run', 'service', 'master'), [
+    ('unet', 'unet', 'unet-1-0.unet'),
+    ('v1.unet', 'v1-unet', 'v1-unet-1-0.v1-unet'),
+    ('3d-unet', 'tg-3d-unet', '3d-unet-1-0.tg-3d-unet'),
+    ('a' * 80, 'a' * 54 + '-0f45e858', 'a' * 54 + '-f4d95f98.' + 'a' * 54 + '-0f45e858'),
+], ids=['plain', 'dots', 'digit-first', 'long'])
+def test_dns_names_are_valid_labels(run, service, master):
+    assert builders.service_name(run) == service
+    address = builders.master_address(run, 1)
+    host, svc = address.split('.')
+    assert svc == service and all(len(part) <= 63 for part in (host, svc))
+    assert svc[0].isalpha() and address == master
+
+
+def test_only_distributed_pods_use_torchrun():
+    single = cpu_pod()['spec']['containers'][0]
+    assert 'command' not in single and not any(item['name'].startswith('PET_') for item in single['env'])
+    rank1 = gang_pod(1)
+    env = {item['name']: item['value'] for item in rank1['spec']['containers'][0]['env']}
+    assert rank1['spec']['containers'][0]['command'] == ['torchrun']
+    assert {key: env[key] for key in env if key.startswith('PET_')} == {
+        'PET_NNODES': '2', 'PET_NPROC_PER_NODE': '1', 'PET_NODE_RANK': '1', 'PET_MASTER_ADDR': 'unet-cpu-3-0.unet-cpu',
+        'PET_MASTER_PORT': '29500', 'PET_MAX_RESTARTS': '0'}
+    # Only rank 0 writes (and mounts) the output claim.
+    volumes = {v['name']: v for v in rank1['spec']['volumes']}
+    assert volumes['output'] == {'name': 'output', 'emptyDir': {}}
+    assert {v['name']: v for v in gang_pod(0)['spec']['volumes']}['output']['persistentVolumeClaim'] == {
+        'claimName': 'out'}

@@ -14,15 +14,21 @@ from trainguard.domain.stallreport import MAX_LINE, MAX_TOTAL, STALL_ANNOTATION,
 LOADER = ['torch/utils/data/dataloader.py:1291 _try_get_data', 'python3.11/multiprocessing/queues.py:113 get']
 
 
-@pytest.mark.parametrize(('frames', 'workers', 'kind'), [
-    (LOADER, ['DataLoader worker 0 (pid 42) is alive'], 'DataLoaderWorkers'),
-    (['trainguard_trainer/train.py:220 train'], ['DataLoader worker 1 (pid 42) exited with -9'], 'DataLoaderWorkers'),
-    (['torch/distributed/distributed_c10d.py:2501 all_reduce'], [], 'Collective'),
-    (['monai/transforms/io/array.py:280 LoadImage.__call__', 'nibabel/loadsave.py:100 load'], [], 'DataRead'),
-    (['trainguard_trainer/train.py:132 _hang_forever', 'threading.py:327 wait'], [], 'Unknown'),
-], ids=['loader-wait', 'worker-died', 'collective', 'data-read', 'unknown'])
-def test_classify(frames, workers, kind):
-    assert classify(frames, workers) == kind
+DDP = 'hung in torch/autograd/graph.py:_engine_run_backward; rank 0 of 2, DistributedDataParallel: every step waits'
+
+
+@pytest.mark.parametrize(('frames', 'workers', 'summary', 'kind'), [
+    (LOADER, ['DataLoader worker 0 (pid 42) is alive'], '', 'DataLoaderWorkers'),
+    (['trainguard_trainer/train.py:220 train'], ['DataLoader worker 1 (pid 42) exited with -9'], '',
+     'DataLoaderWorkers'),
+    (['torch/distributed/distributed_c10d.py:2501 all_reduce'], [], '', 'Collective'),
+    (['torch/autograd/graph.py:829 _engine_run_backward'], [], DDP, 'Collective'),
+    (['torch/autograd/graph.py:829 _engine_run_backward'], [], 'hung in torch/autograd/graph.py', 'Unknown'),
+    (['monai/transforms/io/array.py:280 LoadImage.__call__', 'nibabel/loadsave.py:100 load'], [], '', 'DataRead'),
+    (['trainguard_trainer/train.py:132 _hang_forever', 'threading.py:327 wait'], [], '', 'Unknown'),
+], ids=['loader-wait', 'worker-died', 'collective', 'ddp-backward', 'single-process-backward', 'data-read', 'unknown'])
+def test_classify(frames, workers, summary, kind):
+    assert classify(frames, workers, summary) == kind
 
 
 @pytest.mark.parametrize(('text', 'attempt'), [

@@ -45,7 +45,7 @@ app.kubernetes.io/component: operator
   resources: [pods]
   verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
-  resources: [serviceaccounts]
+  resources: [serviceaccounts, services]
   verbs: [create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]

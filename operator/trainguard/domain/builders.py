@@ -18,6 +18,8 @@ API_VERSION = 'trainguard.io/v1alpha1'
 KIND = 'TrainingRun'
 RUN_LABEL = 'trainguard.io/run'
 ATTEMPT_LABEL = 'trainguard.io/attempt'
+RANK_LABEL = 'trainguard.io/rank'      # node rank within a multi-node attempt
+MASTER_PORT = 29500                    # torchrun's default rendezvous port, on rank 0's pod
 MANAGED_BY = 'trainguard'
 TRAINER_UID = 10001
 PREFETCH_FACTOR = 2       # torch DataLoader's default prefetch_factor
@@ -49,10 +51,53 @@ def label_value(text: str) -> str:
     return f'{text[:54]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}'
 
 
-def pod_name(run_name: str, attempt: int) -> str:
-    suffix = f'-{attempt}'
+def pod_name(run_name: str, attempt: int, rank: int | None = None) -> str:
+    """``<run>-<attempt>``; in a multi-node attempt ``<run>-<attempt>-<rank>``."""
+    suffix = f'-{attempt}' if rank is None else f'-{attempt}-{rank}'
     base = run_name if len(run_name) + len(suffix) <= 253 else run_name[: 253 - len(suffix)]
     return base + suffix
+
+
+def attempt_pod_names(run_name: str, attempt: int, num_nodes: int) -> list[str]:
+    """Every pod of one attempt, rank 0 first; a single-node attempt keeps its historic name."""
+    if num_nodes == 1:
+        return [pod_name(run_name, attempt)]
+    return [pod_name(run_name, attempt, rank) for rank in range(num_nodes)]
+
+
+def dns_label(text: str, *, letter_first: bool = False) -> str:
+    """A DNS label (at most 63 characters, no dots) that stays readable: long names keep a prefix
+    and a hash. ``letter_first``: a Service name must start with a letter (RFC 1035)."""
+    label = text.replace('.', '-')
+    if letter_first and not label[:1].isalpha():
+        label = f'tg-{label}'
+    if len(label) > 63:
+        label = f'{label[:54].rstrip("-")}-{hashlib.sha256(text.encode()).hexdigest()[:8]}'
+    return label
+
+
+def service_name(run_name: str) -> str:
+    """The run's headless Service: the DNS subdomain of its multi-node pods."""
+    return dns_label(run_name, letter_first=True)
+
+
+def pod_hostname(run_name: str, attempt: int, rank: int) -> str:
+    return dns_label(f'{run_name}-{attempt}-{rank}')
+
+
+def master_address(run_name: str, attempt: int) -> str:
+    """Rank 0's DNS name, ``<hostname>.<service>``: resolved through the pod's namespace search
+    path, so it holds whatever the cluster domain is, and a new attempt gets a new name."""
+    return f'{pod_hostname(run_name, attempt, 0)}.{service_name(run_name)}'
+
+
+def processes_per_pod(spec: RunSpec) -> int:
+    """torchrun's nproc-per-node: one process per GPU on GPU nodes, one on CPU."""
+    return effective_gpus(spec) if effective_device(spec) == 'gpu' else 1
+
+
+def world_size(spec: RunSpec) -> int:
+    return spec.num_nodes * processes_per_pod(spec)
 
 
 def trainer_account_name(run_name: str) -> str:
@@ -103,6 +148,21 @@ def build_role_binding(run: RunRef) -> dict[str, Any]:
         'metadata': _metadata(run, name, 'trainer-identity'),
         'roleRef': {'apiGroup': 'rbac.authorization.k8s.io', 'kind': 'Role', 'name': name},
         'subjects': [{'kind': 'ServiceAccount', 'name': name, 'namespace': run.namespace}],
+    }
+
+
+def build_service(run: RunRef) -> dict[str, Any]:
+    """Headless, so each pod's ``<hostname>.<service>`` resolves to the pod itself; not-ready
+    addresses are published because rank 1 must reach rank 0 before anything is ready."""
+    return {
+        'apiVersion': 'v1', 'kind': 'Service',
+        'metadata': _metadata(run, service_name(run.name), 'trainer-network'),
+        'spec': {
+            'clusterIP': 'None',
+            'selector': {RUN_LABEL: label_value(run.name), 'app.kubernetes.io/component': 'trainer'},
+            'publishNotReadyAddresses': True,
+            'ports': [{'name': 'rendezvous', 'port': MASTER_PORT, 'targetPort': MASTER_PORT, 'protocol': 'TCP'}],
+        },
     }
 
 
@@ -161,11 +221,38 @@ def trainer_image(spec: RunSpec, settings: PodSettings) -> str:
     return settings.gpu_image if settings.gpu_image and effective_device(spec) == 'gpu' else settings.image
 
 
+def _launcher_env(run: RunRef, spec: RunSpec, attempt: int, rank: int) -> list[dict[str, str]]:
+    """torchrun's contract, as its PET_* environment variables (one per command-line option)."""
+    multi_node = spec.num_nodes > 1
+    return [
+        {'name': 'PET_NNODES', 'value': str(spec.num_nodes)},
+        {'name': 'PET_NPROC_PER_NODE', 'value': str(processes_per_pod(spec))},
+        {'name': 'PET_NODE_RANK', 'value': str(rank)},
+        {'name': 'PET_MASTER_ADDR', 'value': master_address(run.name, attempt) if multi_node else '127.0.0.1'},
+        {'name': 'PET_MASTER_PORT', 'value': str(MASTER_PORT)},
+        # Restarting a rank in place cannot rejoin a gang whose peers failed: the operator
+        # stops the whole attempt and starts the next one instead.
+        {'name': 'PET_MAX_RESTARTS', 'value': '0'},
+        # A collective waiting on a dead or frozen peer ends the process after this long, even
+        # with the operator away; the operator stops a silent gang sooner (progressTimeoutSeconds).
+        {'name': 'TRAINGUARD_COLLECTIVE_TIMEOUT_SECONDS',
+         'value': str(max(spec.progress_timeout_seconds, spec.startup_timeout_seconds))},
+    ]
+
+
 def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, settings: PodSettings,
-              simulate_hang_after_steps: int | None = None) -> dict[str, Any]:
+              simulate_hang_after_steps: int | None = None, rank: int = 0) -> dict[str, Any]:
+    """One trainer pod; with numNodes > 1, the pod of one node rank in the attempt's gang.
+
+    A single-process run (one node, at most one GPU) runs the image's entrypoint as it always
+    did; a distributed one starts the same trainer through torchrun.
+    """
     device = effective_device(spec)
-    metadata = _metadata(run, pod_name(run.name, attempt), 'trainer')
+    multi_node = spec.num_nodes > 1
+    metadata = _metadata(run, pod_name(run.name, attempt, rank if multi_node else None), 'trainer')
     metadata['labels'][ATTEMPT_LABEL] = str(attempt)
+    if multi_node:
+        metadata['labels'][RANK_LABEL] = str(rank)
     env = [
         {'name': 'TRAINGUARD_RUN_NAME', 'value': run.name},
         {'name': 'TRAINGUARD_RUN_NAMESPACE', 'value': run.namespace},
@@ -180,12 +267,17 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
     ]
     if simulate_hang_after_steps is not None:
         env.append({'name': 'TRAINGUARD_SIMULATE_HANG_AFTER_STEPS', 'value': str(simulate_hang_after_steps)})
+    distributed = world_size(spec) > 1
+    if distributed:
+        env += _launcher_env(run, spec, attempt, rank)
     env += [{'name': name, 'value': value} for name, value in settings.extra_env]
     volume_mounts = [{'name': 'tmp', 'mountPath': '/tmp'}, {'name': 'output', 'mountPath': '/output'}]
+    # Only rank 0 writes checkpoints and metrics (and the other ranks receive its checkpoint over
+    # the process group), so only rank 0 mounts the output claim: a ReadWriteOnce claim works.
     volumes: list[dict[str, Any]] = [
         {'name': 'tmp', 'emptyDir': {}},
-        {'name': 'output', 'persistentVolumeClaim': {'claimName': spec.output_claim}} if spec.output_claim
-        else {'name': 'output', 'emptyDir': {}},
+        {'name': 'output', 'persistentVolumeClaim': {'claimName': spec.output_claim}}
+        if spec.output_claim and rank == 0 else {'name': 'output', 'emptyDir': {}},
     ]
     if spec.dataset.source == 'directory':
         volume_mounts.append({'name': 'data', 'mountPath': spec.dataset.path, 'readOnly': True})
@@ -212,6 +304,10 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
             'capabilities': {'drop': ['ALL']},
         },
     }
+    if distributed:
+        container['command'] = ['torchrun']
+        container['args'] = ['--module', 'trainguard_trainer', *container['args']]
+        container['ports'] = [{'name': 'rendezvous', 'containerPort': MASTER_PORT, 'protocol': 'TCP'}]
     pod_spec: dict[str, Any] = {
         'restartPolicy': 'Never',
         'serviceAccountName': trainer_account_name(run.name),
@@ -224,6 +320,9 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
         'containers': [container],
         'volumes': volumes,
     }
+    if multi_node:  # <hostname>.<service> resolves to this pod (the master address, for rank 0)
+        pod_spec['hostname'] = pod_hostname(run.name, attempt, rank)
+        pod_spec['subdomain'] = service_name(run.name)
     if spec.node_selector:
         pod_spec['nodeSelector'] = dict(spec.node_selector)
     tolerations = _tolerations(spec, device)

@@ -25,6 +25,7 @@ class Heartbeat:
     loss: float | None
     samples_per_second: float | None
     time: str
+    world_size: int | None = None   # training processes in the run; absent from older trainers
 
     @property
     def percent(self) -> int:
@@ -40,6 +41,8 @@ class Heartbeat:
             status['loss'] = round(self.loss, 6)
         if self.samples_per_second is not None:
             status['samplesPerSecond'] = round(self.samples_per_second, 3)
+        if self.world_size is not None:
+            status['worldSize'] = self.world_size
         return status
 
     def same_beat(self, progress: dict[str, Any]) -> bool:
@@ -99,6 +102,7 @@ def parse_heartbeat(text: str | None) -> Heartbeat | str | None:
             step=_count(payload, 'step', 0), steps=_count(payload, 'steps', 1),
             loss=_number(payload, 'loss'), samples_per_second=_number(payload, 'samplesPerSecond'),
             time=str(payload.get('time', '')),
+            world_size=_count(payload, 'worldSize', 1) if 'worldSize' in payload else None,
         )
     except ValueError as error:
         return f'the {PROGRESS_ANNOTATION} annotation is malformed: {error}'

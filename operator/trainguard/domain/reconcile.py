@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import enum
 from collections.abc import Mapping
 from typing import Any
 
 from trainguard.domain import builders
+from trainguard.domain.gang import Gang, PodAbsence, PodView, summarize
 from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat
 from trainguard.domain.pods import PodState
 from trainguard.domain.policy import CpuLimits, effective_device, plan_rewrite
 from trainguard.domain.retry import HANG_REASONS, adapt_for_retry
 from trainguard.domain.spec import Hyperparameters, RunSpec, SpecError, parse_hyperparameters, parse_spec
-from trainguard.domain.stall import Stalled, judge_stall
+from trainguard.domain.stall import Stalled, judge_gang_start, judge_stall
 from trainguard.domain.stallreport import STALL_ANNOTATION, parse_stall_report
 
 TERMINAL_PHASES = frozenset({'Succeeded', 'Failed'})
@@ -30,12 +30,7 @@ HANG_ANNOTATION = 'trainguard.io/simulate-hang-after-steps'
 HANG_WITH_WORKERS_ANNOTATION = 'trainguard.io/simulate-hang-with-workers-after-steps'
 
 
-class PodAbsence(enum.Enum):
-    UNKNOWN = 'unknown'   # not observed yet (e.g. right after an operator restart)
-    GONE = 'gone'         # confirmed absent by the API
-
-
-PodView = PodState | PodAbsence
+__all__ = ['Gang', 'Plan', 'PodAbsence', 'PodView', 'Settings', 'reconcile']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +69,8 @@ class Plan:
         return not (self.spec_patch or self.children or self.delete_pods or self.status_patch or self.events)
 
 
-def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, settings: Settings) -> Plan:
+def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetime, settings: Settings) -> Plan:
+    """``pod``: the current attempt's pods in rank order (a Gang), or one pod's view."""
     status: dict[str, Any] = dict(run.get('status') or {})
     if status.get('phase') in TERMINAL_PHASES:
         return Plan()  # terminal: no more pods, no more checks
@@ -108,11 +104,16 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
 
     attempts = int(status.get('attempts') or 0)
     if attempts == 0:
-        _start_attempt(plan, target, ref, spec, hp, 1, settings, annotations,
-                       'PodCreated', f'created trainer pod {builders.pod_name(ref.name, 1)}')
+        _start_attempt(plan, target, ref, spec, hp, 1, settings, annotations, now, 'PodCreated',
+                       _created(ref, spec, 1))
         return _conclude(plan, status, target, now)
 
     current_pod = status.get('podName') or builders.pod_name(ref.name, attempts)
+    gang = pod if isinstance(pod, Gang) else Gang(((current_pod, pod),))
+    summary = summarize(gang)
+    pod = summary.state
+    target['nodes'] = summary.nodes
+    where = f'pod {current_pod}' if summary.total == 1 else f'{summary.total} pods ({current_pod} is rank 0)'
     if pod is PodAbsence.GONE:
         _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
                       'PodDeleted', f'trainer pod {current_pod} was deleted', now, status)
@@ -122,14 +123,15 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
         if pod.phase == 'Succeeded':
             # The last beat (epoch end) and the pod's exit can arrive together: mirror it too.
             _mirror(target, status, beat, now)
-            _finish(target, 'Succeeded', 'Succeeded', f'training finished in pod {current_pod}', now)
+            _finish(target, 'Succeeded', 'Succeeded', f'training finished in {where}', now, spec)
             return _conclude(plan, status, target, now)
         if pod.phase == 'Failed':
+            plan.delete_pods += summary.live  # never a half-gang left holding nodes
             _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
                           pod.reason, pod.message, now, status)
             return _conclude(plan, status, target, now)
         if pod.phase == 'Running':
-            target.update(phase='Running', reason='Training', message=f'training in pod {current_pod}')
+            target.update(phase='Running', reason='Training', message=f'training in {where}')
             if not status.get('attemptStartTime'):
                 target['attemptStartTime'] = format_time(now)
             if not status.get('startTime'):
@@ -137,6 +139,14 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
         elif pod.reason != 'PodPending' or status.get('phase') != 'Pending':
             # A plain "pending" says less than PodCreated or Retrying, so it does not replace them.
             target.update(phase='Pending', reason=pod.reason, message=pod.message)
+        if pod.phase == 'Pending':
+            verdict = judge_gang_start({**status, **target}, now, startup_timeout=spec.startup_timeout_seconds)
+            if isinstance(verdict, Stalled):  # an unschedulable member: free the nodes the others hold
+                plan.stalled = verdict.reason
+                plan.delete_pods += summary.live
+                _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
+                              verdict.reason, f'{verdict.message}; {pod.message}', now, status)
+                return _conclude(plan, status, target, now)
 
     running = target.get('phase', status.get('phase')) == 'Running'
     if isinstance(beat, str):
@@ -149,7 +159,7 @@ def reconcile(run: Mapping[str, Any], pod: PodView, now: datetime.datetime, sett
                               startup_timeout=spec.startup_timeout_seconds)
         if isinstance(verdict, Stalled):
             plan.stalled = verdict.reason
-            plan.delete_pods.append(current_pod)  # the hung process dies with its pod
+            plan.delete_pods += summary.live  # the hung processes die with their pods, every rank's
             message = verdict.message
             report = parse_stall_report(annotations.get(STALL_ANNOTATION), attempts)
             if report is not None:  # where it hung, from the trainer's watchdog
@@ -168,16 +178,27 @@ def _mirror(target: dict[str, Any], status: Mapping[str, Any], beat: Heartbeat |
         target['epoch'] = f'{beat.epoch}/{beat.epochs}'
 
 
+def _created(ref: builders.RunRef, spec: RunSpec, attempt: int) -> str:
+    names = builders.attempt_pod_names(ref.name, attempt, spec.num_nodes)
+    if len(names) == 1:
+        return f'created trainer pod {names[0]}'
+    return f'created {len(names)} trainer pods {names[0]} .. {names[-1]} and Service {builders.service_name(ref.name)}'
+
+
 def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec,
                    hp: Hyperparameters, attempt: int, settings: Settings, annotations: Mapping[str, str],
-                   reason: str, message: str) -> None:
+                   now: datetime.datetime, reason: str, message: str) -> None:
     pod_settings = dataclasses.replace(settings.pod, heartbeat_seconds=settings.heartbeat_seconds(spec))
-    plan.children += [
-        builders.build_service_account(ref), builders.build_role(ref), builders.build_role_binding(ref),
-        builders.build_pod(ref, spec, hp, attempt, pod_settings, _hang_switch(annotations, hp)),
-    ]
+    hang = _hang_switch(annotations, hp)
+    plan.children += [builders.build_service_account(ref), builders.build_role(ref), builders.build_role_binding(ref)]
+    if spec.num_nodes > 1:
+        plan.children.append(builders.build_service(ref))
+        target['attemptCreationTime'] = format_time(now)  # the gang's startup deadline counts from here
+    plan.children += [builders.build_pod(ref, spec, hp, attempt, pod_settings, hang, rank)
+                      for rank in range(spec.num_nodes)]
     target.update(phase='Pending', reason=reason, message=message, attempts=attempt,
-                  podName=builders.pod_name(ref.name, attempt), attemptStartTime=None)
+                  podName=builders.attempt_pod_names(ref.name, attempt, spec.num_nodes)[0], attemptStartTime=None,
+                  nodes=f'0/{spec.num_nodes}')
 
 
 def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec, hp: Hyperparameters,
@@ -193,22 +214,25 @@ def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec
             target['attemptHyperparameters'] = hp.to_api()
             target['adjustments'] = [*target.get('adjustments', status.get('adjustments') or []),
                                      *(change.to_api() for change in changes)]
-        _start_attempt(plan, target, ref, spec, hp, attempts + 1, settings, annotations, 'Retrying',
+        _start_attempt(plan, target, ref, spec, hp, attempts + 1, settings, annotations, now, 'Retrying',
                        f'attempt {attempts} failed ({reason}: {message}); started attempt {attempts + 1}'
                        f' of {spec.backoff_limit + 1}')
     else:
         suffix = f' after {attempts} attempts' if attempts > 1 else ''
         if reason in HANG_REASONS:  # `kubectl describe` shows why it stopped
             plan.events.append(Event('Warning', reason, f'attempt {attempts}: {message}'))
-        _finish(target, 'Failed', reason, message + suffix, now)
+        _finish(target, 'Failed', reason, message + suffix, now, spec)
 
 
 # Failures a new attempt cannot fix: the same image on the same kind of node fails the same way.
 NOT_RETRIED = frozenset({'GPUUnavailable'})
 
 
-def _finish(target: dict[str, Any], phase: str, reason: str, message: str, now: datetime.datetime) -> None:
+def _finish(target: dict[str, Any], phase: str, reason: str, message: str, now: datetime.datetime,
+            spec: RunSpec | None = None) -> None:
     target.update(phase=phase, reason=reason, message=message, completionTime=format_time(now))
+    if spec is not None:  # nothing of a finished run holds a node any more
+        target['nodes'] = f'0/{spec.num_nodes}'
 
 
 def _hang_switch(annotations: Mapping[str, str], hp: Hyperparameters) -> int | None:

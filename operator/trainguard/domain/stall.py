@@ -52,6 +52,23 @@ def judge_stall(status: Mapping[str, Any], now: datetime.datetime, *,
     return Stalled('ProgressTimeout', f'no progress for {silent}s (last: {last})', silent)
 
 
+def judge_gang_start(status: Mapping[str, Any], now: datetime.datetime, *, startup_timeout: int) -> Healthy | Stalled:
+    """A multi-node attempt whose pods are not all running ``startup_timeout`` after they were
+    created (one member unschedulable, one image that never pulls) is stopped: the members that
+    did start would otherwise hold their nodes, waiting at the rendezvous, indefinitely."""
+    if status.get('phase') != 'Pending':
+        return Healthy(None)
+    created = parse_time(status.get('attemptCreationTime'))
+    if created is None:
+        return Healthy(None)
+    deadline = created + datetime.timedelta(seconds=startup_timeout)
+    if now < deadline:
+        return Healthy(deadline)
+    silent = int((now - created).total_seconds())
+    return Stalled('StartupTimeout', f'only {status.get("nodes", "?")} trainer pods running {silent}s after they were'
+                                     f' created (startupTimeoutSeconds {startup_timeout})', silent)
+
+
 def describe_progress(progress: Mapping[str, Any]) -> str:
     text = f"epoch {progress.get('epoch', '?')}/{progress.get('epochs', '?')}, " \
            f"step {progress.get('step', '?')}/{progress.get('steps', '?')}"
@@ -70,11 +87,13 @@ def due_for_sweep(run: Mapping[str, Any], now: datetime.datetime, *, resync: boo
     status = run.get('status') or {}
     if status.get('phase') in ('Succeeded', 'Failed'):
         return False
-    if status.get('phase') != 'Running':
+    gang_starting = status.get('phase') == 'Pending' and bool(status.get('attemptCreationTime'))
+    if status.get('phase') != 'Running' and not gang_starting:
         return resync
     spec = run.get('spec') or {}
     progress, startup = spec.get('progressTimeoutSeconds', 300), spec.get('startupTimeoutSeconds', 600)
     if not isinstance(progress, int) or not isinstance(startup, int):
         return True  # let reconcile report the invalid spec
-    verdict = judge_stall(status, now, progress_timeout=progress, startup_timeout=startup)
+    verdict = (judge_gang_start(status, now, startup_timeout=startup) if gang_starting
+               else judge_stall(status, now, progress_timeout=progress, startup_timeout=startup))
     return isinstance(verdict, Stalled) or resync

@@ -43,12 +43,14 @@ def _lines(value: Any) -> tuple[str, ...]:
     return tuple(_clean(item) for item in list(value)[:MAX_LINES] if _clean(item))
 
 
-def classify(frames: Sequence[str], workers: Sequence[str]) -> str:
-    """Where the main thread waits, by the frames it waits in."""
+def classify(frames: Sequence[str], workers: Sequence[str], summary: str = '') -> str:
+    """Where the main thread waits, by the frames it waits in (and, in a distributed run, the
+    trainer's note that every step waits for all ranks: DDP's gradient all-reduce runs inside
+    autograd, so no torch.distributed frame shows)."""
     text = ' '.join(frames).lower()
     if any('exited with' in worker for worker in workers) or 'torch/utils/data/' in text:
         return 'DataLoaderWorkers'
-    if 'torch/distributed/' in text:
+    if 'torch/distributed/' in text or 'DistributedDataParallel' in summary:
         return 'Collective'
     if any(word in text for word in ('loadimage', 'nibabel', 'pil/', ' read', ' open', 'io.py')):
         return 'DataRead'
@@ -73,4 +75,4 @@ def parse_stall_report(text: str | None, attempt: int) -> StallReport | None:
     frames, workers = _lines(payload.get('frames')), _lines(payload.get('workers'))
     while len(summary) + sum(map(len, frames + workers)) > MAX_TOTAL and (frames or workers):
         frames, workers = (frames[1:], workers) if frames else (frames, workers[:-1])
-    return StallReport(summary, frames, workers, classify(frames, workers))
+    return StallReport(summary, frames, workers, classify(frames, workers, summary))
