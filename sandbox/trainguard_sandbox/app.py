@@ -73,6 +73,22 @@ class Sandbox:
                 raise RuntimeError(f'could not create {run["metadata"]["name"]}: {body.get("message")}')
             return body
 
+    async def patch(self, name: str, patch: dict[str, Any], namespace: str = 'default') -> dict[str, Any]:
+        """A JSON merge patch of a run, as ``kubectl patch --type merge`` sends it."""
+        assert self.emulator is not None
+        async with self.emulator.patch(RUNS_PATH.format(namespace=namespace) + f'/{name}', json=patch,
+                                       headers={'Content-Type': 'application/merge-patch+json'}) as response:
+            body = await response.json()
+            if response.status >= 400:
+                raise RuntimeError(f'could not patch {name}: {body.get("message")}')
+            return body
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        """Any object by its API path (e.g. a run's Service), None when absent."""
+        assert self.emulator is not None
+        async with self.emulator.get(path) as response:
+            return await response.json() if response.status == 200 else None
+
     async def runs(self, namespace: str = 'default') -> list[dict[str, Any]]:
         assert self.emulator is not None
         async with self.emulator.get(RUNS_PATH.format(namespace=namespace)) as response:

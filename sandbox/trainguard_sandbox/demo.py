@@ -1,12 +1,15 @@
-"""``make demo``: two sample runs on the sandbox, shown as a live ``kubectl get tr`` table.
+"""``make demo``: three sample runs on the sandbox, shown as a live ``kubectl get tr`` table.
 
 1. ``manifests/samples/cpu-run.yaml`` — written with batch 32 / 2 workers / 256px, rewritten
    to CPU-safe values, trains to Succeeded;
-2. ``manifests/samples/hang-demo-run.yaml`` — its trainer hangs after 3 steps; the operator
-   sees the silent heartbeat, kills the pod (and the process with it) and fails the run
-   with ProgressTimeout.
+2. ``manifests/samples/multinode-run.yaml`` — two pods, one torchrun "node" each (two local
+   processes here, gloo between them), trains as one DistributedDataParallel job to Succeeded;
+3. ``manifests/samples/multinode-hang-demo-run.yaml`` — two pods whose last rank freezes after
+   3 steps; rank 0 then blocks in the gradient all-reduce and the gang's heartbeat stops; the
+   operator deletes both pods (their processes die with them) and fails the run with
+   ProgressTimeout.
 
-Exits 0 only when both outcomes happened. Every check waits, with a deadline, for the state
+Exits 0 only when all three outcomes happened. Every check waits, with a deadline, for the state
 it verifies and says what it waited for; none samples once after a fixed sleep.
 """
 
@@ -34,7 +37,7 @@ SANDBOX_ENTRIES = frozenset({MARKER, 'kubeconfig', 'pods', 'volumes', 'tmp'})
 PROCESS_GONE_SECONDS = 30.0
 
 SAMPLES = pathlib.Path(__file__).parent / 'manifests' / 'samples'
-COLUMNS = ('NAME', 'PHASE', 'DEVICE', 'EPOCH', 'PROGRESS', 'LOSS', 'REASON', 'AGE')
+COLUMNS = ('NAME', 'PHASE', 'DEVICE', 'NODES', 'EPOCH', 'PROGRESS', 'LOSS', 'REASON', 'AGE')
 
 
 def _age(created: str | None, now: datetime.datetime) -> str:
@@ -53,7 +56,8 @@ def table_rows(runs: Sequence[Mapping[str, Any]], now: datetime.datetime) -> lis
         progress = status.get('progress') or {}
         loss = progress.get('loss')
         rows.append((
-            run['metadata']['name'], status.get('phase', ''), status.get('device', ''), status.get('epoch', ''),
+            run['metadata']['name'], status.get('phase', ''), status.get('device', ''), status.get('nodes', ''),
+            status.get('epoch', ''),
             f"{progress['percent']}%" if 'percent' in progress else '',
             f'{loss:.4f}' if isinstance(loss, int | float) else '', status.get('reason', ''),
             _age(run['metadata'].get('creationTimestamp'), now),
@@ -119,8 +123,9 @@ def prepare_workdir(workdir: pathlib.Path) -> str:
     return action
 
 
-async def run_demo(workdir: pathlib.Path, *, timeout: float = 150.0, stream: TextIO = sys.stdout) -> int:
-    cpu, hang = load_manifest(SAMPLES / 'cpu-run.yaml'), load_manifest(SAMPLES / 'hang-demo-run.yaml')
+async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: TextIO = sys.stdout) -> int:
+    cpu, multinode, hang = (load_manifest(SAMPLES / name) for name in (
+        'cpu-run.yaml', 'multinode-run.yaml', 'multinode-hang-demo-run.yaml'))
     table = LiveTable(stream)
     try:
         table.note(prepare_workdir(workdir))
@@ -131,7 +136,7 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 150.0, stream: Tex
     async with Sandbox(workdir) as sandbox:
         table.note(f'sandbox API at {sandbox.api_url} (kubeconfig: {sandbox.kubeconfig}); '
                    f'trainer output in {workdir / "pods"}')
-        for run in (cpu, hang):
+        for run in (cpu, multinode, hang):
             await sandbox.apply(run)
             table.note(f'trainingrun.trainguard.io/{run["metadata"]["name"]} created')
         shown_optimizations = False
@@ -145,7 +150,7 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 150.0, stream: Tex
                         shown_optimizations = True
             table.show(render_table(table_rows(runs, datetime.datetime.now(datetime.UTC))))
             phases = {run['metadata']['name']: (run.get('status') or {}).get('phase') for run in runs}
-            if all(phase in ('Succeeded', 'Failed') for phase in phases.values()) and len(phases) == 2:
+            if all(phase in ('Succeeded', 'Failed') for phase in phases.values()) and len(phases) == 3:
                 break
             await asyncio.sleep(1.0)
         final = {run['metadata']['name']: run for run in await sandbox.runs()}
@@ -153,26 +158,30 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 150.0, stream: Tex
         hang_pods = [instance for instance in sandbox.runner.instances
                      if instance.name.startswith(hang['metadata']['name'])]
         processes = await _processes_stopped(sandbox, hang_pods)
-        return _summary(final, cpu['metadata']['name'], hang['metadata']['name'], processes,
-                        time.monotonic() - started, table)
+        return _summary(final, cpu['metadata']['name'], multinode['metadata']['name'], hang['metadata']['name'],
+                        processes, time.monotonic() - started, table)
 
 
 async def _processes_stopped(sandbox: Sandbox, pods: list[PodInstance]) -> tuple[bool, str]:
-    """Wait for the hung trainer to be gone: its pod deleted, its process group killed and exited."""
-    pids = ', '.join(str(pod.pid) for pod in pods) or '?'
+    """Wait for the hung gang to be gone: every pod deleted, every pod's processes killed and exited."""
+    pids = ', '.join(f'{pod.name} pid {pod.pid}' for pod in pods) or '?'
     if not pods:
-        return False, f'no trainer process was ever started (pid {pids})'
+        return False, 'no trainer process was ever started'
     assert sandbox.runner is not None
     try:
         waited = await sandbox.runner.wait_stopped(pods, timeout=PROCESS_GONE_SECONDS)
     except TimeoutError as error:
-        return False, f'trainer process {pids} still running {PROCESS_GONE_SECONDS:.0f}s after the run failed: {error}'
-    return True, f'trainer process {pids} is gone (waited {waited:.1f}s for the pod deletion to kill its process group)'
+        return False, (f'trainer processes ({pids}) still running {PROCESS_GONE_SECONDS:.0f}s after the run failed: '
+                       f'{error}')
+    return True, (f'every pod of the gang and its processes are gone ({pids}; waited {waited:.1f}s for the pod '
+                  'deletions to kill them)')
 
 
-def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, hang_name: str,
+def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_name: str, hang_name: str,
              processes: tuple[bool, str], seconds: float, table: LiveTable) -> int:
     cpu_status = (final.get(cpu_name) or {}).get('status') or {}
+    gang_status = (final.get(multinode_name) or {}).get('status') or {}
+    gang_progress = gang_status.get('progress') or {}
     hang_status = (final.get(hang_name) or {}).get('status') or {}
     processes_gone, process_text = processes
     progress = cpu_status.get('progress') or {}
@@ -186,6 +195,11 @@ def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, hang_name: s
         (trained, f'{cpu_name}: trained here, heartbeats mirrored to {progress.get("percent", 0)}% '
                   f'(epoch {progress.get("epoch", "-")}/{progress.get("epochs", "-")}, '
                   f'loss {progress.get("loss", "-")})'),
+        (gang_status.get('phase') == 'Succeeded' and gang_progress.get('worldSize') == 2
+         and gang_progress.get('percent') == 100,
+         f'{multinode_name}: {gang_status.get("phase", "not finished")} as one job of '
+         f'{gang_progress.get("worldSize", "?")} ranks on 2 pods, heartbeats mirrored to '
+         f'{gang_progress.get("percent", 0)}% (loss {gang_progress.get("loss", "-")})'),
         (hang_status.get('phase') == 'Failed' and hang_status.get('reason') == 'ProgressTimeout',
          f'{hang_name}: {hang_status.get("phase", "not finished")}/{hang_status.get("reason", "")}: '
          f'{hang_status.get("message", "")}'),

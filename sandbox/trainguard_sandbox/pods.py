@@ -1,7 +1,8 @@
 """The sandbox's stand-in for a kubelet: every trainer Pod becomes a local trainer process.
 
 Development only. For each pod the operator creates, it starts
-``python -m trainguard_trainer`` with the pod's args and env and a kubeconfig that points at
+``python -m trainguard_trainer`` (or, for a pod whose command is ``torchrun``,
+``python -m torch.distributed.run``) with the pod's args and env and a kubeconfig that points at
 the emulator, and reports the pod's life through the status subresource: Pending, then
 Running once the process started, then Succeeded or Failed by exit code (137 reported as
 OOMKilled would be a lie, so a kill is reported as Error with its code). When the pod is
@@ -10,6 +11,11 @@ deleted, its process is killed, as the kubelet would. Each pod's output goes to
 ``<workdir>/volumes``. As on a node, a pod *instance* is its UID, not its name: a claim keeps
 its folder across attempts (so a retry can resume), while an emptyDir is fresh for every pod
 UID, so a new pod that reuses a deleted pod's name inherits nothing from it.
+
+Multi-node runs: every "node" is this machine, so the master's DNS name
+(``<rank-0 hostname>.<service>``) maps to loopback and each gang gets its own free port, as
+separate pods on separate nodes would not collide. A pod's processes are its whole process
+tree (torchrun starts its workers in sessions of their own), and all of it dies with the pod.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -51,10 +58,31 @@ class PodInstance:
     uid: str
     pid: int
     killed: bool = False
+    tree: tuple[int, ...] = ()   # the processes killed with it (launcher workers run in their own sessions)
 
     @property
     def key(self) -> PodKey:
         return (self.namespace, self.name)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def pod_processes_gone(instance: PodInstance) -> bool:
+    """The pod's process group and every process of its tree are gone (zombies count as gone)."""
+    if not process_group_gone(instance.pid):
+        return False
+    for pid in instance.tree:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return True
 
 
 def process_group_gone(pid: int) -> bool:
@@ -89,6 +117,7 @@ class LocalPodRunner:
         self.processes: dict[str, asyncio.subprocess.Process] = {}  # pod UID -> its running process
         self.instances: list[PodInstance] = []  # every pod ever started, oldest first
         self._waiters: dict[str, asyncio.Task[None]] = {}
+        self._master_ports: dict[tuple[str, ...], int] = {}  # (namespace, master address[, pod]) -> local port
 
     def instances_of(self, namespace: str, name: str) -> list[PodInstance]:
         return [instance for instance in self.instances if instance.key == (namespace, name)]
@@ -104,7 +133,7 @@ class LocalPodRunner:
         started = loop.time()
         while True:
             left = [instance for instance in instances
-                    if not instance.killed or not process_group_gone(instance.pid)]
+                    if not instance.killed or not pod_processes_gone(instance)]
             if not left:
                 return loop.time() - started
             if loop.time() - started > timeout:
@@ -144,7 +173,25 @@ class LocalPodRunner:
         short.mkdir(parents=True, exist_ok=True)
         env['TMPDIR'] = str(short)
         env.pop('KUBERNETES_SERVICE_HOST', None)  # never take the in-cluster path from here
+        launcher = container.get('command') or []
+        if launcher[:1] == ['torchrun']:
+            self._localize_rendezvous(pod, env)
+            return [sys.executable, '-m', 'torch.distributed.run', *launcher[1:], *args], env
         return [sys.executable, '-m', 'trainguard_trainer', *args], env
+
+    def _localize_rendezvous(self, pod: Mapping[str, Any], env: dict[str, str]) -> None:
+        """Rank 0's DNS name becomes loopback; one free port per gang (pods of the same master
+        address share it), so two gangs on this one machine do not collide."""
+        address = env.get('PET_MASTER_ADDR', '')
+        key: tuple[str, ...] = (pod['metadata']['namespace'], address)
+        if env.get('PET_NNODES', '1') == '1':
+            key += (pod['metadata']['uid'],)  # a single-pod job is a gang of its own
+        if key not in self._master_ports:
+            with socket.socket() as probe:
+                probe.bind(('127.0.0.1', 0))
+                self._master_ports[key] = probe.getsockname()[1]
+        env['PET_MASTER_ADDR'] = '127.0.0.1'
+        env['PET_MASTER_PORT'] = str(self._master_ports[key])
 
     def session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(ssl=True if self._ssl is None else self._ssl)
@@ -229,9 +276,14 @@ class LocalPodRunner:
     def kill(self, uid: str, reason: str) -> None:
         process = self.processes.pop(uid, None)
         if process is not None and process.returncode is None:
+            tree = _descendants(process.pid)  # before the kill: orphans would be re-parented
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)  # the whole session: DataLoader workers too
+            for child in tree:  # torchrun's workers, each in a session of its own
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
             instance = next(instance for instance in self.instances if instance.uid == uid)
+            instance.tree = tuple(child.pid for child in tree)
             instance.killed = True
             log.info('pod %s/%s: killed pid %d (%s)', *instance.key, process.pid, reason)
 

@@ -141,7 +141,12 @@ async def test_the_operator_as_its_service_account_trains_and_stops_a_hang(contr
         cpu['spec'].update(tiny)
         hang = yaml.safe_load((ROOT / 'manifests' / 'samples' / 'hang-demo-run.yaml').read_text())
         hang['spec'].update(tiny)
-        for body in (cpu, hang):
+        # Multi-node: the operator creates the Service and both pods as itself; the runner maps
+        # rank 0's DNS name to loopback.
+        gang = yaml.safe_load((ROOT / 'manifests' / 'samples' / 'multinode-run.yaml').read_text())
+        gang_hang = yaml.safe_load((ROOT / 'manifests' / 'samples' / 'multinode-hang-demo-run.yaml').read_text())
+        gang_hang['spec']['progressTimeoutSeconds'] = 10
+        for body in (cpu, hang, gang, gang_hang):
             manifest = tmp_path / f'{body["metadata"]["name"]}.yaml'
             manifest.write_text(yaml.safe_dump(body))
             created = json.loads(plane.run('kubectl', 'create', '-n', 'default', '-o', 'json', '-f',
@@ -152,6 +157,13 @@ async def test_the_operator_as_its_service_account_trains_and_stops_a_hang(contr
         assert done['status']['phase'] == 'Succeeded', done['status']
         hung = await _wait_phase(plane, hang['metadata']['name'], ('Succeeded', 'Failed'), 300)
         assert hung['status']['reason'] == 'ProgressTimeout', hung['status']
+        pair = await _wait_phase(plane, gang['metadata']['name'], ('Succeeded', 'Failed'), 300)
+        assert pair['status']['phase'] == 'Succeeded' and pair['status']['progress']['worldSize'] == 2, pair['status']
+        service = json.loads(plane.run('kubectl', 'get', 'service', gang['metadata']['name'], '-n', 'default',
+                                       '-o', 'json').stdout)
+        assert service['spec']['clusterIP'] == 'None'
+        frozen = await _wait_phase(plane, gang_hang['metadata']['name'], ('Succeeded', 'Failed'), 300)
+        assert frozen['status']['reason'] == 'ProgressTimeout', frozen['status']
     finally:
         runner_task.cancel()
         await asyncio.gather(runner_task, return_exceptions=True)

@@ -6,6 +6,7 @@ Skips cleanly without a Docker engine. In CI it runs in .github/workflows/e2e-ki
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
@@ -62,3 +63,20 @@ def test_hung_run_fails_with_progress_timeout(installed):
     wait_for(installed, 'unet-hang-demo', '{.status.reason}=ProgressTimeout', '600s')
     pods = installed.kubectl('get', 'pods', '-l', 'trainguard.io/run=unet-hang-demo', '-o', 'name')
     assert pods.strip() == ''
+
+
+def test_a_two_node_run_trains_over_the_headless_service(installed):
+    """Real cluster DNS: rank 1 reaches rank 0 at <hostname>.<service> through the headless Service."""
+    installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'multinode-run.yaml'))
+    wait_for(installed, 'unet-multinode', '{.status.phase}=Succeeded', '900s')
+    world = installed.kubectl('get', 'tr', 'unet-multinode', '-o', 'jsonpath={.status.progress.worldSize}')
+    assert world.strip() == '2'
+
+
+def test_a_frozen_rank_stops_the_whole_gang(installed):
+    installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'multinode-hang-demo-run.yaml'))
+    wait_for(installed, 'unet-multinode-hang-demo', '{.status.reason}=ProgressTimeout', '600s')
+    deadline = time.monotonic() + 60   # both pods deleted (their grace period may still be running)
+    while installed.kubectl('get', 'pods', '-l', 'trainguard.io/run=unet-multinode-hang-demo', '-o', 'name').strip():
+        assert time.monotonic() < deadline, 'a pod of the stopped gang is still there'
+        time.sleep(1)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import pathlib
 import time
 from typing import Any
 
 import pytest
 
 from trainguard_sandbox.app import Sandbox
-from trainguard_sandbox.pods import process_group_gone
+from trainguard_sandbox.pods import pod_processes_gone
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -44,12 +43,6 @@ async def wait_for_event(sandbox: Sandbox, name: str, reason: str, timeout: floa
             return found[0]
         assert time.monotonic() < deadline, f'no {reason} Event on {name} within {timeout}s'
         await asyncio.sleep(0.1)
-
-
-@pytest.fixture()
-async def sandbox(tmp_path: pathlib.Path):
-    async with Sandbox(tmp_path, sweep_seconds=1) as running:
-        yield running
 
 
 def pods_of(sandbox: Sandbox, name: str) -> list[str]:
@@ -88,7 +81,7 @@ async def test_hung_run_fails_within_its_timeout_and_the_process_is_killed(sandb
     # The runner sees the pod's deletion at its next poll: wait for that, not for a fixed time.
     [instance] = sandbox.runner.instances_of('default', 'hung-1')
     await sandbox.runner.wait_stopped([instance], timeout=10)
-    assert instance.killed and process_group_gone(instance.pid)
+    assert instance.killed and pod_processes_gone(instance)
 
 
 async def test_operator_restart_mid_run_completes_with_one_pod(sandbox):
