@@ -86,14 +86,33 @@ def _ssl_context(config: Mapping[str, Any]) -> ssl.SSLContext:
     return context
 
 
-async def _call(webhook: Mapping[str, Any], review: dict[str, Any]) -> dict[str, Any]:
+class WebhookClients:
+    """Connections to webhook servers, kept open between calls as kube-apiserver keeps them: a
+    new TLS connection per admission would charge the webhook server a handshake per request,
+    which a real server does not (one pool per CA bundle)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def session(self, config: Mapping[str, Any]) -> aiohttp.ClientSession:
+        key = str(config.get('caBundle') or '')
+        if key not in self._sessions or self._sessions[key].closed:
+            self._sessions[key] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=_ssl_context(config)))
+        return self._sessions[key]
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+async def _call(webhook: Mapping[str, Any], review: dict[str, Any], clients: WebhookClients) -> dict[str, Any]:
     config = webhook.get('clientConfig') or {}
     url = config.get('url')
     if not url:
         raise ConnectionError('clientConfig.service cannot be reached from the emulator (no cluster DNS)')
     timeout = aiohttp.ClientTimeout(total=float(webhook.get('timeoutSeconds', 10)))
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-            url, json=review, ssl=_ssl_context(config) if url.startswith('https://') else None) as response:
+    async with clients.session(config).post(url, json=review, timeout=timeout) as response:
         if response.status != 200:
             raise ConnectionError(f'the server responded with status {response.status}: {await response.text()}')
         answer = await response.json()
@@ -103,7 +122,8 @@ async def _call(webhook: Mapping[str, Any], review: dict[str, Any]) -> dict[str,
     return result
 
 
-async def mutate(configs: Iterable[Mapping[str, Any]], request: AdmissionRequest) -> tuple[dict[str, Any], list[str]]:
+async def mutate(configs: Iterable[Mapping[str, Any]], request: AdmissionRequest,
+                 clients: WebhookClients) -> tuple[dict[str, Any], list[str]]:
     """The object after every matching mutating webhook, and the warnings they returned."""
     obj = copy.deepcopy(dict(request.obj))
     warnings: list[str] = []
@@ -113,7 +133,7 @@ async def mutate(configs: Iterable[Mapping[str, Any]], request: AdmissionRequest
                 continue
             review = _review(dataclasses.replace(request, obj=obj))
             try:
-                result = await _call(webhook, review)
+                result = await _call(webhook, review, clients)
             except (aiohttp.ClientError, ConnectionError, TimeoutError, ValueError, ssl.SSLError) as error:
                 if webhook.get('failurePolicy', 'Fail') == 'Ignore':
                     continue

@@ -26,6 +26,10 @@ the operator test tier and by ``trainguard-operator sandbox``:
 
 RBAC is not emulated; the operator tier checks the ClusterRole against every request the
 operator makes instead.
+
+An in-memory write costs microseconds, a real one milliseconds. For benchmarks the emulator
+can charge every write a server's cost (``write_service_seconds`` per write, and at most
+``max_writes_per_second`` in all, queued in arrival order); both are off by default.
 """
 
 from __future__ import annotations
@@ -78,6 +82,15 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     crd_schemas: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = attrs.field(factory=dict, init=False)
     # MutatingWebhookConfigurations by name, kept current by _publish (no scan per write)
     _webhook_configs: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    # A server's cost of a write (off by default; benchmarks/operator_scale.py sets it).
+    write_service_seconds: float = 0.0
+    max_writes_per_second: float = 0.0
+    _next_write_slot: float = attrs.field(default=0.0, init=False)
+    _webhook_clients: admission.WebhookClients = attrs.field(factory=admission.WebhookClients, init=False)
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        await self._webhook_clients.close()
+        return await super().__aexit__(*exc_info)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -98,6 +111,8 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             return await apps.RawHandler._handle(self, request)  # discovery and other paths: kmock's DSL
         is_put = request.name is not None and request.method == kmock.method.PUT
         dry_run = request.params.get('dryRun') == 'All'
+        if is_put or request.action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
+            await self._charge_write()
         if request.action == kmock.action.CREATE:
             admitted = await self._admit(request, 'CREATE', request.data if isinstance(request.data, dict) else {},
                                          None)
@@ -129,6 +144,18 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             raise _error(405, 'MethodNotAllowed', f'{request.method} is not supported on {request.url.path}')
         return aiohttp.web.json_response(await serve(request))
 
+    async def _charge_write(self) -> None:
+        """Wait for this write's turn at the server's throughput, then for its service time."""
+        if not (self.write_service_seconds or self.max_writes_per_second):
+            return
+        now = asyncio.get_running_loop().time()
+        queued = 0.0
+        if self.max_writes_per_second:
+            slot = max(now, self._next_write_slot)
+            self._next_write_slot = slot + 1 / self.max_writes_per_second
+            queued = slot - now
+        await asyncio.sleep(queued + self.write_service_seconds)
+
     # -- admission ------------------------------------------------------------------------
 
     async def _admit(self, request: rendering.Request, operation: str, obj: dict[str, Any],
@@ -150,7 +177,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
                 obj, _ = await admission.mutate(configs, admission.AdmissionRequest(
                     group=resource.group or '', version=resource.version or '', plural=resource.plural or '',
                     kind=kind, operation=operation, namespace=request.namespace, name=name, obj=obj, old=old,
-                    dry_run=request.params.get('dryRun') == 'All'))
+                    dry_run=request.params.get('dryRun') == 'All'), self._webhook_clients)
             except admission.AdmissionRefused as refused:
                 raise _error(refused.code, 'InternalError' if refused.code >= 500 else 'BadRequest',
                              str(refused)) from refused
