@@ -22,27 +22,31 @@ from trainguard.domain.heartbeat import format_time
 
 log = logging.getLogger(__name__)
 MERGE_PATCH = 'application/merge-patch+json'
-
-
-def _json(response: Any) -> dict[str, Any]:
-    """Read the whole body: it also hands the connection back to the pool."""
-    return json.loads(response.data)
+_PATHS = {  # the collection each child kind is created in
+    'Pod': '/api/v1/namespaces/{namespace}/pods',
+    'Service': '/api/v1/namespaces/{namespace}/services',
+    'ServiceAccount': '/api/v1/namespaces/{namespace}/serviceaccounts',
+    'Role': '/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles',
+    'RoleBinding': '/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings',
+    'Event': '/api/v1/namespaces/{namespace}/events',
+}
+_RUN = f'/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}'
 
 
 class KubeApi:
     """Typed calls for exactly what trainguard does; objects go in and come out as plain dicts.
 
-    Responses are read as JSON, not as the client's pydantic models (``_preload_content=False``):
-    the models refuse objects with fields they consider required but a server left out (a
-    kubelet that has not reported ``imageID`` yet), and a refused response after a successful
-    delete would leave the run's status unwritten.
+    Every call goes through the official client's ``ApiClient`` (configuration, credentials
+    and their refresh, TLS, connection pool, ``ApiException``) but not through its generated
+    per-operation methods: those validate their arguments with pydantic, turning a pod dict
+    into a full ``V1Pod`` model only to serialise it back, and deserialise responses into
+    models. Profiled at a 200-run burst (benchmarks/README.md), that was most of the client's
+    CPU. Responses are read as JSON: the models also refuse objects with fields they consider
+    required but a server left out (a kubelet that has not reported ``imageID`` yet).
     """
 
     def __init__(self, client: kubernetes.client.ApiClient) -> None:
         self.client = client
-        self.core = kubernetes.client.CoreV1Api(client)
-        self.rbac = kubernetes.client.RbacAuthorizationV1Api(client)
-        self.custom = kubernetes.client.CustomObjectsApi(client)
 
     @classmethod
     def from_environment(cls) -> KubeApi:
@@ -54,18 +58,23 @@ class KubeApi:
         config_file = os.environ.get('KUBECONFIG') or os.path.expanduser('~/.kube/config')
         return cls(kubernetes.config.new_client_from_config(config_file=config_file))
 
+    def _call(self, method: str, path: str, body: Any = None, *, content_type: str = 'application/json',
+              query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
+        """One request; raises ApiException (with ``status``) for a non-2xx answer."""
+        headers = {'Accept': 'application/json', **({'Content-Type': content_type} if body is not None else {})}
+        request = self.client.param_serialize(method, path, query_params=query or [], body=body,
+                                              auth_settings=['BearerToken'], header_params=headers)
+        response = self.client.call_api(*request)
+        data = response.read()  # the whole body: it also hands the connection back to the pool
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=data.decode('utf-8', 'replace'), data=None)
+        return json.loads(data)
+
     def create_if_absent(self, body: Mapping[str, Any]) -> bool:
         """Create a child; an existing one (a handler that ran twice) is left as it is."""
-        namespace = body['metadata']['namespace']
-        create = {
-            'Pod': self.core.create_namespaced_pod,
-            'Service': self.core.create_namespaced_service,
-            'ServiceAccount': self.core.create_namespaced_service_account,
-            'Role': self.rbac.create_namespaced_role,
-            'RoleBinding': self.rbac.create_namespaced_role_binding,
-        }[body['kind']]
+        path = _PATHS[body['kind']].format(namespace=body['metadata']['namespace'])
         try:
-            _json(create(namespace, dict(body), _preload_content=False))
+            self._call('POST', path, dict(body))
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -74,7 +83,7 @@ class KubeApi:
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return _json(self.core.read_namespaced_pod(name, namespace, _preload_content=False))
+            return self._call('GET', f'/api/v1/namespaces/{namespace}/pods/{name}')
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -82,7 +91,7 @@ class KubeApi:
 
     def delete_pod(self, namespace: str, name: str) -> bool:
         try:
-            _json(self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0, _preload_content=False))
+            self._call('DELETE', f'/api/v1/namespaces/{namespace}/pods/{name}', query=[('gracePeriodSeconds', 0)])
         except ApiException as error:
             if error.status == 404:
                 return False
@@ -90,12 +99,11 @@ class KubeApi:
         return True
 
     def patch_run(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        return self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, dict(patch), _content_type=MERGE_PATCH)
+        return self._call('PATCH', _RUN.format(namespace=namespace, name=name), dict(patch), content_type=MERGE_PATCH)
 
     def patch_run_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
-        return self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {'status': dict(status)}, _content_type=MERGE_PATCH)
+        return self._call('PATCH', _RUN.format(namespace=namespace, name=name) + '/status', {'status': dict(status)},
+                          content_type=MERGE_PATCH)
 
     def post_event(self, run: Mapping[str, Any], event_type: str, reason: str, message: str,
                    now: datetime.datetime) -> None:
@@ -125,6 +133,6 @@ class KubeApi:
             'firstTimestamp': stamp, 'lastTimestamp': stamp, 'count': 1,
         }
         try:
-            self.core.create_namespaced_event(involved.get('namespace'), body)
+            self._call('POST', _PATHS['Event'].format(namespace=involved.get('namespace')), body)
         except (ApiException, ValueError) as error:
             log.warning('could not post event %s on %s: %s', reason, involved.get('name'), error)
