@@ -1,8 +1,10 @@
 """kopf handlers: thin. They unpack, call the pure core (via Runtime), and apply the result.
 
 ``kopf run -m trainguard.handlers`` runs the operator; so does ``trainguard-operator run``.
-Handlers are sync on purpose: kopf runs them in worker threads, where the blocking
-kubernetes client is safe.
+The watch handlers are async but never block the loop: they update the in-memory view and
+decide on the loop whether the event changes anything (most do not: the echo of the
+operator's own write, a pod event that changes nothing); only work that calls the API goes
+to the runtime's worker threads, where the blocking kubernetes client is safe.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from trainguard.domain.builders import RUN_LABEL
 from trainguard.domain.config import config_from_env, webhook_enabled
 from trainguard.domain.policy import plan_admission
 from trainguard.domain.spec import SpecError, parse_spec
+from trainguard.kopfstate import NoDiffBase, NoProgress, QuietEventHandlers
 from trainguard.kube import KubeApi
 from trainguard.runtime import Runtime, system_clock
 from trainguard.webhook import build_server
@@ -39,6 +42,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     # Nothing here needs kopf's per-object state: no finalizers, no progress or diff-base
     # annotations, so a new run costs only the writes the design counts.
     settings.persistence.finalizer = 'trainguard.io/finalizer'
+    settings.persistence.diffbase_storage = NoDiffBase()
+    settings.persistence.progress_storage = NoProgress()
+    logging.getLogger('kopf.objects').addFilter(QuietEventHandlers())
     settings.watching.server_timeout = 300
     # kopf peering (replicas > 1): kopf pauses *every* operator when live peers share a
     # priority, so each process takes its own (random unless configured); the highest live one
@@ -88,24 +94,26 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         await asyncio.gather(sweeper, return_exceptions=True)
     runtime = memo.get('runtime')
     if runtime is not None:
-        runtime.close()
+        await runtime.close()
 
 
-def on_run_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
-                 **_: Any) -> None:
+async def on_run_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+                       **_: Any) -> None:
     runtime: Runtime = memo.runtime
     if event['type'] == 'DELETED':
         runtime.forget_run((body.metadata.namespace, body.metadata.name))
         return
     key = runtime.observe_run(event['object'])
-    runtime.reconcile(key, logger)
+    if runtime.is_own_echo(event['object']):
+        return
+    await runtime.reconcile_soon(key, logger)
 
 
-def on_pod_event(event: kopf.RawEvent, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def on_pod_event(event: kopf.RawEvent, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     runtime: Runtime = memo.runtime
     key = runtime.observe_pod(event['type'], event['object'])
     if key is not None:
-        runtime.reconcile(key, logger)
+        await runtime.reconcile_soon(key, logger)
 
 
 def mutate_cpu_safety(body: kopf.Body, old: kopf.Body | None, patch: kopf.Patch, memo: kopf.Memo,

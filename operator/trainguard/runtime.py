@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ RunKey = tuple[str, str]  # (namespace, name)
 PIN_SECONDS = 300.0
 RESYNC_SWEEPS = 6  # a full reconcile of every live run every 6 sweeps (30 s by default)
 SWEEP_WORKERS = 8  # runs reconciled side by side by the sweeper
+EVENT_WORKERS = 8  # runs reconciled side by side for watch events that need the API
 
 
 def _num_nodes(run: Mapping[str, Any]) -> int:
@@ -58,13 +60,17 @@ class Runtime:
     _locks: collections.defaultdict[RunKey, threading.Lock] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(threading.Lock))
     _warned: dict[RunKey, str] = dataclasses.field(default_factory=dict)
+    _written: dict[RunKey, str] = dataclasses.field(default_factory=dict)  # resourceVersion of our last write
+    _first_seen: dict[RunKey, datetime.datetime] = dataclasses.field(default_factory=dict)  # runs without a status
     _guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     metrics: Metrics = dataclasses.field(init=False)
     _sweep_executor: concurrent.futures.ThreadPoolExecutor = dataclasses.field(init=False)
+    _event_executor: concurrent.futures.ThreadPoolExecutor = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: list(self.runs.values()))
         self._sweep_executor = concurrent.futures.ThreadPoolExecutor(SWEEP_WORKERS, thread_name_prefix='sweep')
+        self._event_executor = concurrent.futures.ThreadPoolExecutor(EVENT_WORKERS, thread_name_prefix='reconcile')
 
     # -- observing ------------------------------------------------------------------------
 
@@ -78,6 +84,10 @@ class Runtime:
         """
         key = (body['metadata']['namespace'], body['metadata']['name'])
         with self._guard:
+            if not (body.get('status') or {}).get('phase'):
+                self._first_seen.setdefault(key, self.clock())
+            else:
+                self._first_seen.pop(key, None)
             pin = self._pins.get(key)
             if pin is not None:
                 written_status, until = pin
@@ -93,6 +103,8 @@ class Runtime:
             run = self.runs.pop(key, None)
             self._pins.pop(key, None)
             self._warned.pop(key, None)
+            self._written.pop(key, None)
+            self._first_seen.pop(key, None)
             self._locks.pop(key, None)
         attempts = int(((run or {}).get('status') or {}).get('attempts') or 0)
         nodes = _num_nodes(run or {})
@@ -120,24 +132,70 @@ class Runtime:
             run = self.runs.get(key)
             if run is None:
                 return None
-            plan = machine.reconcile(run, self._pod_view(run), self.clock(), self.config.settings)
+            view = self._pod_view(run)
+            assert view is not None  # read=True: an unobserved pod is read from the API
+            plan = machine.reconcile(run, view, self.clock(), self.config.settings,
+                                     first_seen=self._first_seen.get(key))
             self._apply(key, run, plan, logger)
             return plan
 
-    def _pod_view(self, run: Mapping[str, Any]) -> machine.Gang | machine.PodAbsence:
-        """The current attempt's pods in rank order (one for a single-node run)."""
+    async def reconcile_soon(self, key: RunKey, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+        """Reconcile after a watch event: on the loop when the event changes nothing (decided
+        without blocking), else in a worker thread, since applying a plan calls the API."""
+        if self.settled(key):
+            return
+        await asyncio.get_running_loop().run_in_executor(self._event_executor, self.reconcile, key, logger)
+
+    def is_own_echo(self, body: Mapping[str, Any]) -> bool:
+        """The watch event of the operator's own last write: the very object its write returned
+        (same resourceVersion), which it reconciled when it wrote it. Nothing to do."""
+        metadata = body.get('metadata') or {}
+        version = metadata.get('resourceVersion')
+        return version is not None and self._written.get((metadata.get('namespace'), metadata.get('name'))) == version
+
+    def settled(self, key: RunKey) -> bool:
+        """True when reconciling now would do nothing. Never blocks: a run whose lock is held,
+        or whose pods would have to be read from the API first, is not judged here (False)."""
+        with self._guard:
+            lock = self._locks[key]
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            run = self.runs.get(key)
+            if run is None:
+                return True
+            view = self._pod_view(run, read=False)
+            if view is None:
+                return False
+            plan = machine.reconcile(run, view, self.clock(), self.config.settings,
+                                     first_seen=self._first_seen.get(key))
+            problem = plan.heartbeat_problem
+            return plan.empty and not (problem and self._warned.get(key) != problem)
+        finally:
+            lock.release()
+
+    def _pod_view(self, run: Mapping[str, Any], *, read: bool = True) -> machine.Gang | machine.PodAbsence | None:
+        """The current attempt's pods in rank order (one for a single-node run); None when a pod
+        was never observed and ``read`` is off."""
         status = run.get('status') or {}
         name = status.get('podName')
-        if not name or status.get('phase') in machine.TERMINAL_PHASES:
+        if status.get('phase') in machine.TERMINAL_PHASES:
             return machine.PodAbsence.UNKNOWN
         namespace = run['metadata']['namespace']
         names = attempt_pod_names(run['metadata']['name'], int(status.get('attempts') or 1), _num_nodes(run))
+        if not name:
+            # No status yet (its first write waits for the pod): the first attempt's pods as
+            # the watch has shown them, never read from the API, since they may not exist yet.
+            return machine.Gang(tuple((member, self.pods.get((namespace, member), machine.PodAbsence.UNKNOWN))
+                                      for member in names))
         if len(names) == 1:
             names = [name]  # the name the status recorded (runs from before gangs included)
         members = []
         for member in names:
             key = (namespace, member)
             if key not in self.pods:
+                if not read:
+                    return None
                 # Not seen on the watch yet (e.g. just after a restart): ask once rather than guess.
                 pod = self.api.read_pod(*key)
                 self.pods[key] = machine.PodAbsence.GONE if pod is None else observe_pod(pod)
@@ -178,6 +236,7 @@ class Runtime:
         with self._guard:
             self.runs[key] = dict(body)
             self._pins[key] = (dict(body.get('status') or {}), time.monotonic() + PIN_SECONDS)
+            self._written[key] = body['metadata'].get('resourceVersion', '')
 
     # -- sweeping -------------------------------------------------------------------------
 
@@ -195,14 +254,20 @@ class Runtime:
             sweeps += 1
             now = self.clock()
             resync = sweeps % RESYNC_SWEEPS == 0
-            due = [key for key, run in list(self.runs.items()) if due_for_sweep(run, now, resync=resync)]
+            due = [key for key, run in list(self.runs.items())
+                   if due_for_sweep(run, now, resync=resync, first_seen=self._first_seen.get(key),
+                                    grace=self.config.settings.first_status_grace_seconds)]
             # Runs that went silent together are stopped together: reconciles of different runs
             # run side by side (each run has its own lock); one after another, 50 simultaneous
             # stalls took 15 s longer to act on (benchmarks/README.md).
             await asyncio.gather(*(self._sweep_one(loop, key, logger) for key in due))
 
-    def close(self) -> None:
-        self._sweep_executor.shutdown(wait=False, cancel_futures=True)
+    async def close(self) -> None:
+        """Cancel queued reconciles and wait for those in flight: a thread left mid-request when
+        the operator stops would write to an API (or a test's emulator) that is going away."""
+        for executor in (self._sweep_executor, self._event_executor):
+            await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(executor.shutdown, wait=True, cancel_futures=True))
 
     async def _sweep_one(self, loop: asyncio.AbstractEventLoop, key: RunKey, logger: logging.Logger) -> None:
         try:  # the pool's size bounds how many runs are reconciled at once
