@@ -27,6 +27,9 @@ async def cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> As
     kubeconfig = tmp_path / 'kubeconfig'
     async with emulated_cluster(kubeconfig, namespaces=(NAMESPACE, 'other')) as emulator:
         monkeypatch.setenv('KUBECONFIG', str(kubeconfig))
+        # Most tests follow a run through Pending with a pod that never starts: its first status
+        # is written at once here; tests/operator/test_rbac_and_budget.py covers the grace.
+        monkeypatch.setenv('TRAINGUARD_FIRST_STATUS_GRACE_SECONDS', '0')
         yield emulator
 
 

@@ -92,3 +92,31 @@ async def test_write_budget_to_running_and_per_heartbeat(api, operator, cluster)
     assert len(writes) <= 7
     assert len(beat_writes) == 5
     assert await api.find('budget-1', resource=PODS) is not None
+
+
+async def test_a_pod_that_starts_promptly_costs_one_status_write(api, operator, cluster, monkeypatch):
+    """With the first-status grace (default 5 s; 60 here, so a slow machine cannot spend it), the
+    first status waits for the pod: Running at once means 3 RBAC objects, the pod, one status."""
+    monkeypatch.setenv('TRAINGUARD_FIRST_STATUS_GRACE_SECONDS', '60')
+    await operator.start()
+    await api.wait_for(lambda: True)
+    start = len(list(cluster))
+    await api.create(run_body('prompt', cpuSafety='off'))
+    await api.wait_for(lambda: api.find('prompt-1', resource=PODS), what='the pod created')
+    assert not (await api.get('prompt')).get('status')   # nothing written before the pod is seen
+    await set_pod_phase(api, 'prompt-1', 'Running')
+    run = await api.wait_for_run('prompt', phase('Running'))
+    await api.wait_for(lambda: True)
+    writes = [c for c in operator_calls(list(cluster)[start:]) if c.write and c.resource != 'events']
+    assert sorted(f'{c.verb} {c.resource}' for c in writes) == [
+        'create pods', 'create rolebindings', 'create roles', 'create serviceaccounts',
+        'patch trainingruns/status']
+    assert run['status']['attempts'] == 1 and run['status']['podName'] == 'prompt-1'
+
+
+async def test_a_pod_that_does_not_start_gets_pending_once_the_grace_is_over(api, operator, monkeypatch):
+    monkeypatch.setenv('TRAINGUARD_FIRST_STATUS_GRACE_SECONDS', '5')
+    await operator.start()
+    await api.create(run_body('slow', cpuSafety='off'))
+    run = await api.wait_for_run('slow', phase('Pending'))   # written by the sweep, in loop time
+    assert run['status']['reason'] == 'PodCreated' and run['status']['message'] == 'created trainer pod slow-1'

@@ -90,7 +90,8 @@ def config_from_env(env: Mapping[str, str]) -> Config:
     namespaces = tuple(ns.strip() for ns in env.get('TRAINGUARD_NAMESPACES', '').split(',') if ns.strip())
     sweep = _int(env, 'TRAINGUARD_SWEEP_SECONDS', 5, 1, 300)
     return Config(
-        settings=Settings(limits=limits, pod=pod),
+        settings=Settings(limits=limits, pod=pod, first_status_grace_seconds=float(
+            _int(env, 'TRAINGUARD_FIRST_STATUS_GRACE_SECONDS', 5, 0, 60))),
         namespaces=namespaces,
         webhook=webhook_enabled(env),
         webhook_host=env.get('TRAINGUARD_WEBHOOK_HOST', '').strip(),

@@ -24,6 +24,7 @@ from trainguard.domain.stall import Stalled, judge_gang_start, judge_stall
 from trainguard.domain.stallreport import STALL_ANNOTATION, parse_stall_report
 
 TERMINAL_PHASES = frozenset({'Succeeded', 'Failed'})
+
 HANG_ANNOTATION = 'trainguard.io/simulate-hang-after-steps'
 # Demo/test switch: hang after N steps only in an attempt that has DataLoader workers (the
 # incident's cause), so a retry that learned (numWorkers 0) runs through.
@@ -40,6 +41,10 @@ class Settings:
     limits: CpuLimits = dataclasses.field(default_factory=CpuLimits)
     pod: builders.PodSettings = dataclasses.field(
         default_factory=lambda: builders.PodSettings(image='ghcr.io/trainguard/trainer:0.1.0'))
+    # A new run's first status is written once its pod is seen (Running, or with something to
+    # report), or this long after the operator first saw the run: a pod that starts promptly
+    # costs one status write, not two (Pending, then Running). 0: write at once.
+    first_status_grace_seconds: float = 5.0
 
     def heartbeat_seconds(self, spec: RunSpec) -> int:
         """Beat at least three times per progress timeout, so one late beat is not a stall."""
@@ -69,8 +74,15 @@ class Plan:
         return not (self.spec_patch or self.children or self.delete_pods or self.status_patch or self.events)
 
 
-def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetime, settings: Settings) -> Plan:
-    """``pod``: the current attempt's pods in rank order (a Gang), or one pod's view."""
+def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetime, settings: Settings, *,
+              first_seen: datetime.datetime | None = None) -> Plan:
+    """``pod``: the current attempt's pods in rank order (a Gang), or one pod's view.
+
+    ``first_seen``: when this operator process first saw the run (its own clock); a run seen
+    less than ``settings.first_status_grace_seconds`` ago may wait for its pod before its first
+    status write (the sweep writes it once the grace is over).
+    Unknown (e.g. after a restart): the status is written at once, as it always was.
+    """
     status: dict[str, Any] = dict(run.get('status') or {})
     if status.get('phase') in TERMINAL_PHASES:
         return Plan()  # terminal: no more pods, no more checks
@@ -103,16 +115,29 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
     hp = _attempt_hyperparameters(status, rewrite.effective)
 
     attempts = int(status.get('attempts') or 0)
-    if attempts == 0:
+    in_grace = attempts == 0 and first_seen is not None and \
+        0 <= (now - first_seen).total_seconds() < settings.first_status_grace_seconds
+    if attempts == 0 and not _observed(pod):
         _start_attempt(plan, target, ref, spec, hp, 1, settings, annotations, now, 'PodCreated',
                        _created(ref, spec, 1))
+        if in_grace:  # children only; the first status waits for the pod (FIRST_STATUS_GRACE_SECONDS)
+            plan.events, plan.logs = [], []
+            return plan
         return _conclude(plan, status, target, now)
+    if attempts == 0:  # the first attempt's pods exist, its status was not written yet: adopt it
+        attempts = 1
+        target.update(attempts=1, podName=builders.attempt_pod_names(ref.name, 1, spec.num_nodes)[0],
+                      phase='Pending', reason='PodCreated', message=_created(ref, spec, 1))
+        if spec.num_nodes > 1:
+            target['attemptCreationTime'] = metadata.get('creationTimestamp') or format_time(now)
 
-    current_pod = status.get('podName') or builders.pod_name(ref.name, attempts)
+    current_pod = target.get('podName') or status.get('podName') or builders.pod_name(ref.name, attempts)
     gang = pod if isinstance(pod, Gang) else Gang(((current_pod, pod),))
     summary = summarize(gang)
     pod = summary.state
     target['nodes'] = summary.nodes
+    if in_grace and isinstance(pod, PodState) and pod.phase == 'Pending' and pod.reason == 'PodPending':
+        return Plan()  # nothing worth a write yet: the pod is on its way
     where = f'pod {current_pod}' if summary.total == 1 else f'{summary.total} pods ({current_pod} is rank 0)'
     if pod is PodAbsence.GONE:
         _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
@@ -136,7 +161,7 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
                 target['attemptStartTime'] = format_time(now)
             if not status.get('startTime'):
                 target['startTime'] = format_time(now)
-        elif pod.reason != 'PodPending' or status.get('phase') != 'Pending':
+        elif pod.reason != 'PodPending' or target.get('phase', status.get('phase')) != 'Pending':
             # A plain "pending" says less than PodCreated or Retrying, so it does not replace them.
             target.update(phase='Pending', reason=pod.reason, message=pod.message)
         if pod.phase == 'Pending':
@@ -168,6 +193,13 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
             _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
                           verdict.reason, message, now, status)
     return _conclude(plan, status, target, now)
+
+
+def _observed(pod: PodView | Gang) -> bool:
+    """Whether any pod of the attempt was seen (on the watch, or confirmed gone)."""
+    if isinstance(pod, Gang):
+        return any(view is not PodAbsence.UNKNOWN for _, view in pod.members)
+    return pod is not PodAbsence.UNKNOWN
 
 
 def _mirror(target: dict[str, Any], status: Mapping[str, Any], beat: Heartbeat | str | None,

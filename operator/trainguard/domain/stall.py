@@ -77,7 +77,8 @@ def describe_progress(progress: Mapping[str, Any]) -> str:
     return text
 
 
-def due_for_sweep(run: Mapping[str, Any], now: datetime.datetime, *, resync: bool) -> bool:
+def due_for_sweep(run: Mapping[str, Any], now: datetime.datetime, *, resync: bool,
+                  first_seen: datetime.datetime | None = None, grace: float = 0.0) -> bool:
     """Whether the periodic sweep must reconcile this run now.
 
     Running runs past their deadline always are; the rest only on a full resync (which
@@ -87,6 +88,8 @@ def due_for_sweep(run: Mapping[str, Any], now: datetime.datetime, *, resync: boo
     status = run.get('status') or {}
     if status.get('phase') in ('Succeeded', 'Failed'):
         return False
+    if not status.get('phase'):  # a new run whose first status waits for its pod, for a few seconds
+        return resync or first_seen is None or (now - first_seen).total_seconds() >= grace
     gang_starting = status.get('phase') == 'Pending' and bool(status.get('attemptCreationTime'))
     if status.get('phase') != 'Running' and not gang_starting:
         return resync
