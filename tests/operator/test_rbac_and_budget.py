@@ -39,7 +39,9 @@ async def test_every_operator_call_is_allowed_by_the_cluster_role(api, operator,
     await operator.start()
     await api.create(run_body('ok', hyperparameters={'batchSize': 32, 'numWorkers': 2}, progressTimeoutSeconds=900))
     await api.create(run_body('hung', device='cpu', backoffLimit=1))
+    await api.create(run_body('gang', device='cpu', numNodes=2))   # its headless Service too
     await api.wait_for_run('ok', phase('Pending'))
+    await api.wait_for_run('gang', phase('Pending'))
     await api.wait_for_run('hung', phase('Pending'))
     await set_pod_phase(api, 'ok-1', 'Running')
     await set_pod_phase(api, 'hung-1', 'Running')
@@ -61,7 +63,8 @@ async def test_every_operator_call_is_allowed_by_the_cluster_role(api, operator,
     for expected in [('', 'pods', 'create'), ('', 'pods', 'delete'), ('', 'pods', 'watch'),
                      ('trainguard.io', 'trainingruns/status', 'patch'), ('trainguard.io', 'trainingruns', 'patch'),
                      ('', 'serviceaccounts', 'create'), ('rbac.authorization.k8s.io', 'roles', 'create'),
-                     ('rbac.authorization.k8s.io', 'rolebindings', 'create'), ('', 'events', 'create')]:
+                     ('rbac.authorization.k8s.io', 'rolebindings', 'create'), ('', 'events', 'create'),
+                     ('', 'services', 'create')]:
         assert expected in used, expected
 
 
