@@ -51,6 +51,14 @@ def wait_for(cluster, name: str, jsonpath: str, timeout: str) -> None:
     cluster.kubectl('wait', f'trainingrun/{name}', f'--for=jsonpath={jsonpath}', f'--timeout={timeout}')
 
 
+def wait_pods_gone(cluster, run: str, timeout: float = 60) -> None:
+    """Every pod of the run deleted (a deleted pod's grace period may still be running)."""
+    deadline = time.monotonic() + timeout
+    while cluster.kubectl('get', 'pods', '-l', f'trainguard.io/run={run}', '-o', 'name').strip():
+        assert time.monotonic() < deadline, f'a pod of {run} is still there {timeout:.0f}s after it stopped'
+        time.sleep(1)
+
+
 def test_cpu_run_is_rewritten_and_succeeds(installed):
     installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'cpu-run.yaml'))
     wait_for(installed, 'unet-cpu', '{.status.phase}=Succeeded', '900s')
@@ -61,8 +69,7 @@ def test_cpu_run_is_rewritten_and_succeeds(installed):
 def test_hung_run_fails_with_progress_timeout(installed):
     installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'hang-demo-run.yaml'))
     wait_for(installed, 'unet-hang-demo', '{.status.reason}=ProgressTimeout', '600s')
-    pods = installed.kubectl('get', 'pods', '-l', 'trainguard.io/run=unet-hang-demo', '-o', 'name')
-    assert pods.strip() == ''
+    wait_pods_gone(installed, 'unet-hang-demo')
 
 
 def test_a_two_node_run_trains_over_the_headless_service(installed):
@@ -76,7 +83,4 @@ def test_a_two_node_run_trains_over_the_headless_service(installed):
 def test_a_frozen_rank_stops_the_whole_gang(installed):
     installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'multinode-hang-demo-run.yaml'))
     wait_for(installed, 'unet-multinode-hang-demo', '{.status.reason}=ProgressTimeout', '600s')
-    deadline = time.monotonic() + 60   # both pods deleted (their grace period may still be running)
-    while installed.kubectl('get', 'pods', '-l', 'trainguard.io/run=unet-multinode-hang-demo', '-o', 'name').strip():
-        assert time.monotonic() < deadline, 'a pod of the stopped gang is still there'
-        time.sleep(1)
+    wait_pods_gone(installed, 'unet-multinode-hang-demo')   # both ranks' pods

@@ -38,18 +38,21 @@ def judge_stall(status: Mapping[str, Any], now: datetime.datetime, *,
     progress = status.get('progress') or {}
     last_beat = parse_time(progress.get('lastProgressTime'))
     if last_beat is None or last_beat < attempt_start:
-        deadline = attempt_start + datetime.timedelta(seconds=startup_timeout)
-        if now < deadline:
-            return Healthy(deadline)
-        silent = int((now - attempt_start).total_seconds())
+        silent = _silence(attempt_start, startup_timeout, now)
+        if isinstance(silent, Healthy):
+            return silent
         return Stalled('StartupTimeout', f'no heartbeat {silent}s after the trainer pod started'
                                          f' (startupTimeoutSeconds {startup_timeout})', silent)
-    deadline = last_beat + datetime.timedelta(seconds=progress_timeout)
-    if now < deadline:
-        return Healthy(deadline)
-    silent = int((now - last_beat).total_seconds())
-    last = describe_progress(progress)
-    return Stalled('ProgressTimeout', f'no progress for {silent}s (last: {last})', silent)
+    silent = _silence(last_beat, progress_timeout, now)
+    if isinstance(silent, Healthy):
+        return silent
+    return Stalled('ProgressTimeout', f'no progress for {silent}s (last: {describe_progress(progress)})', silent)
+
+
+def _silence(since: datetime.datetime, timeout: int, now: datetime.datetime) -> Healthy | int:
+    """Healthy until ``timeout`` seconds after ``since``; past it, how many seconds it has been."""
+    deadline = since + datetime.timedelta(seconds=timeout)
+    return Healthy(deadline) if now < deadline else int((now - since).total_seconds())
 
 
 def judge_gang_start(status: Mapping[str, Any], now: datetime.datetime, *, startup_timeout: int) -> Healthy | Stalled:
@@ -61,10 +64,9 @@ def judge_gang_start(status: Mapping[str, Any], now: datetime.datetime, *, start
     created = parse_time(status.get('attemptCreationTime'))
     if created is None:
         return Healthy(None)
-    deadline = created + datetime.timedelta(seconds=startup_timeout)
-    if now < deadline:
-        return Healthy(deadline)
-    silent = int((now - created).total_seconds())
+    silent = _silence(created, startup_timeout, now)
+    if isinstance(silent, Healthy):
+        return silent
     return Stalled('StartupTimeout', f'only {status.get("nodes", "?")} trainer pods running {silent}s after they were'
                                      f' created (startupTimeoutSeconds {startup_timeout})', silent)
 
