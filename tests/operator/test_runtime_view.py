@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+
 from trainguard.domain.config import config_from_env
+from trainguard.domain.pods import PodState
+from trainguard.domain.reconcile import conditions
 from trainguard.runtime import Runtime
 
 
@@ -39,3 +43,31 @@ def test_a_deleted_run_leaves_nothing_behind():
     view.pods[('ns', 'r-1')] = view.pods[('ns', 'r-2')] = view.pods[('ns', 'other-1')] = None
     view.forget_run(('ns', 'r'))
     assert view.runs == {} and list(view.pods) == [('ns', 'other-1')]
+
+
+def test_the_echo_of_our_own_write_is_recognised_and_nothing_else_is():
+    view = runtime()
+    view._remember(('ns', 'r'), body('3', {'phase': 'Running'}))
+    assert view.is_own_echo(body('3', {'phase': 'Running'}))
+    assert not view.is_own_echo(body('4', {'phase': 'Running'}, {'trainguard.io/progress': '{}'}))  # a heartbeat
+    assert not view.is_own_echo({**body('3'), 'metadata': {**body('3')['metadata'], 'name': 'other'}})
+
+
+def test_an_event_that_changes_nothing_is_settled_on_the_loop_without_the_api():
+    """A Running run whose pod is Running and already mirrored: the pure reconcile plans nothing."""
+    view = runtime()
+    run = {'metadata': {'namespace': 'ns', 'name': 'r', 'uid': 'u', 'generation': 1, 'resourceVersion': '5'},
+           'spec': {'device': 'cpu', 'cpuSafety': 'off'}}
+    view.observe_run(run)
+    first = view.settled(('ns', 'r'))     # no status yet and its pod never seen: creating is work
+    assert first is False
+    view.pods[('ns', 'r-1')] = PodState('Running', 'Training', 'the trainer is running')
+    view.clock = lambda: datetime.datetime(2026, 11, 27, tzinfo=datetime.UTC)
+    status = {'phase': 'Running', 'reason': 'Training', 'message': 'training in pod r-1', 'attempts': 1,
+              'podName': 'r-1', 'nodes': '1/1', 'device': 'cpu', 'observedGeneration': 1,
+              'attemptStartTime': '2026-11-26T23:59:50Z', 'startTime': '2026-11-26T23:59:50Z'}
+    status['conditions'] = conditions('Running', 'Training', 'training in pod r-1', 1, [], view.clock())
+    view.observe_run({**run, 'status': status})
+    assert view.settled(('ns', 'r')) is True
+    view.pods[('ns', 'r-1')] = PodState('Succeeded', 'Completed', 'training finished')
+    assert view.settled(('ns', 'r')) is False   # the pod finished: a status write is due
