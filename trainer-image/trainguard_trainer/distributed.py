@@ -26,6 +26,7 @@ class Cluster:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1   # processes in this pod (torchrun's nproc-per-node)
 
     @property
     def main(self) -> bool:
@@ -50,8 +51,13 @@ def from_env(env: Mapping[str, str]) -> Cluster:
         text = env.get(name, '')
         return int(text) if text.isdigit() else default
 
-    world = number('WORLD_SIZE', 1)
-    return Cluster(rank=number('RANK', 0), world_size=max(1, world), local_rank=number('LOCAL_RANK', 0))
+    return Cluster(rank=number('RANK', 0), world_size=max(1, number('WORLD_SIZE', 1)),
+                   local_rank=number('LOCAL_RANK', 0), local_world_size=max(1, number('LOCAL_WORLD_SIZE', 1)))
+
+
+def threads_per_process(pod_threads: int, cluster: Cluster) -> int:
+    """The pod's CPU threads shared by its processes (one per GPU under torchrun), at least one each."""
+    return max(1, pod_threads // cluster.local_world_size)
 
 
 def start(cluster: Cluster, device: str, timeout_seconds: float) -> None:

@@ -182,7 +182,10 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: 
         config.device, config.num_workers, config.batch_size, config.crop_size,
         cuda_available=torch.cuda.is_available(),
         **({'cgroup_root': cgroup_root} if cgroup_root else {}), **({'shm_path': shm_path} if shm_path else {}))
-    torch.set_num_threads(decision.threads)
+    threads = distributed.threads_per_process(decision.threads, cluster)
+    torch.set_num_threads(threads)
+    if threads != decision.threads:
+        log.info('torch threads = %d per process (%d processes in this pod)', threads, cluster.local_world_size)
     torch.manual_seed(config.seed)
     for note in decision.notes:
         log.info(note)
