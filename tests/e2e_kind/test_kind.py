@@ -59,28 +59,34 @@ def wait_pods_gone(cluster, run: str, timeout: float = 60) -> None:
         time.sleep(1)
 
 
+def apply_sample(cluster, sample: str) -> None:
+    cluster.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / sample))
+
+
+def run_field(cluster, run: str, jsonpath: str) -> str:
+    return cluster.kubectl('get', 'tr', run, '-o', f'jsonpath={jsonpath}').strip()
+
+
 def test_cpu_run_is_rewritten_and_succeeds(installed):
-    installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'cpu-run.yaml'))
+    apply_sample(installed, 'cpu-run.yaml')
     wait_for(installed, 'unet-cpu', '{.status.phase}=Succeeded', '900s')
-    batch = installed.kubectl('get', 'tr', 'unet-cpu', '-o', 'jsonpath={.spec.hyperparameters.batchSize}')
-    assert batch.strip() == '4'
+    assert run_field(installed, 'unet-cpu', '{.spec.hyperparameters.batchSize}') == '4'
 
 
 def test_hung_run_fails_with_progress_timeout(installed):
-    installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'hang-demo-run.yaml'))
+    apply_sample(installed, 'hang-demo-run.yaml')
     wait_for(installed, 'unet-hang-demo', '{.status.reason}=ProgressTimeout', '600s')
     wait_pods_gone(installed, 'unet-hang-demo')
 
 
 def test_a_two_node_run_trains_over_the_headless_service(installed):
     """Real cluster DNS: rank 1 reaches rank 0 at <hostname>.<service> through the headless Service."""
-    installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'multinode-run.yaml'))
+    apply_sample(installed, 'multinode-run.yaml')
     wait_for(installed, 'unet-multinode', '{.status.phase}=Succeeded', '900s')
-    world = installed.kubectl('get', 'tr', 'unet-multinode', '-o', 'jsonpath={.status.progress.worldSize}')
-    assert world.strip() == '2'
+    assert run_field(installed, 'unet-multinode', '{.status.progress.worldSize}') == '2'
 
 
 def test_a_frozen_rank_stops_the_whole_gang(installed):
-    installed.kubectl('apply', '-f', str(ROOT / 'manifests' / 'samples' / 'multinode-hang-demo-run.yaml'))
+    apply_sample(installed, 'multinode-hang-demo-run.yaml')
     wait_for(installed, 'unet-multinode-hang-demo', '{.status.reason}=ProgressTimeout', '600s')
     wait_pods_gone(installed, 'unet-multinode-hang-demo')   # both ranks' pods

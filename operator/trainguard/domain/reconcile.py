@@ -120,7 +120,7 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
     if attempts == 0 and not _observed(pod):
         _start_attempt(plan, target, ref, spec, hp, 1, settings, annotations, now, 'PodCreated',
                        _created(ref, spec, 1))
-        if in_grace:  # children only; the first status waits for the pod (FIRST_STATUS_GRACE_SECONDS)
+        if in_grace:  # children only; the first status waits for the pod (settings.first_status_grace_seconds)
             plan.events, plan.logs = [], []
             return plan
         return _conclude(plan, status, target, now)
