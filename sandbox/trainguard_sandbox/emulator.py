@@ -24,8 +24,12 @@ the operator test tier and by ``trainguard-operator sandbox``:
   CRD's OpenAPI schema and CEL rules checked (trainguard_sandbox.crd); a refusal answers
   422 naming the field, as the server does; ``?dryRun=All`` admits without storing.
 
-RBAC is not emulated; the operator tier checks the ClusterRole against every request the
-operator makes instead.
+- requests are authenticated and authorized as kube-apiserver does (trainguard_sandbox.rbac):
+  bearer tokens minted through the TokenRequest API (``serviceaccounts/<name>/token``) name
+  ServiceAccounts, whose requests are checked against the stored Roles, ClusterRoles and
+  bindings, refused with kube-apiserver's 403 body (``refusals`` records each), and refused
+  when they would grant RBAC permissions they do not hold; a request without credentials is
+  the cluster admin.
 
 An in-memory write costs microseconds, a real one milliseconds. For benchmarks the emulator
 can charge every write a server's cost (``write_service_seconds`` per write, and at most
@@ -35,7 +39,9 @@ can charge every write a server's cost (``write_service_seconds`` per write, and
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
+import dataclasses
 import datetime
 import json
 import re
@@ -48,11 +54,31 @@ import aiohttp.web
 import attrs
 import jsonpatch
 import kmock
-from kmock._internal import apps, rendering  # the extension points kmock's own subclasses use
+from kmock._internal import apps, parsing, rendering  # the extension points kmock's own subclasses use
 
-from trainguard_sandbox import admission
+from trainguard_sandbox import admission, rbac
 from trainguard_sandbox import crd as crd_checks
 
+_kmock_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads ``/api/v1/namespaces`` (the Namespace collection) and
+    ``/api/v1/namespaces/<name>`` (one Namespace) as the namespace prefix of a namespaced path,
+    and fails on the first with a 500: kopf's namespace observer, which a namespaced operator
+    runs (``--namespace``), could never start here. Parsed as kube-apiserver routes them."""
+    parts = path.strip('/').split('/')
+    if (len(parts) in (3, 4, 5) and parts[0] == 'api' and parts[2] == 'namespaces'
+            and (len(parts) < 5 or parts[4] in ('status', 'finalize'))):
+        return parsing.ParsedPath('', parts[1], 'namespaces', None, parts[3] if len(parts) > 3 else None,
+                                  parts[4] if len(parts) > 4 else None)
+    return _kmock_parse_path(path)
+
+
+parsing.parse_path = _parse_path   # rendering.Request._parse looks it up at every request
+_USER: contextvars.ContextVar[rbac.User] = contextvars.ContextVar('user', default=rbac.ADMIN)
+_VERBS = {kmock.action.LIST: 'list', kmock.action.WATCH: 'watch', kmock.action.FETCH: 'get',
+          kmock.action.CREATE: 'create', kmock.action.UPDATE: 'patch', kmock.action.DELETE: 'delete'}
 WATCH_LOG_LIMIT = 200_000  # events kept for resuming watches; older resourceVersions get 410 Gone
 
 
@@ -87,6 +113,9 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     max_writes_per_second: float = 0.0
     _next_write_slot: float = attrs.field(default=0.0, init=False)
     _webhook_clients: admission.WebhookClients = attrs.field(factory=admission.WebhookClients, init=False)
+    tokens: rbac.Tokens = attrs.field(factory=rbac.Tokens, init=False)
+    policy: rbac.Policy = attrs.field(factory=rbac.Policy, init=False)
+    refusals: list[tuple[rbac.User, rbac.Attributes, str]] = attrs.field(factory=list, init=False)
 
     async def __aexit__(self, *exc_info: Any) -> Any:
         await self._webhook_clients.close()
@@ -106,9 +135,95 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     def _has_status_subresource(self, resource: kmock.resource) -> bool:
         return resource in self.resources and 'status' in self.resources[resource].subresources
 
+    # -- authentication and authorization -------------------------------------------------
+
+    def mint_token(self, namespace: str, service_account: str) -> str:
+        """A token for a ServiceAccount, as the TokenRequest API (or the kubelet) hands one out."""
+        return self.tokens.mint(rbac.service_account_user(namespace, service_account))
+
+    @staticmethod
+    def _attributes(request: rendering.Request) -> rbac.Attributes:
+        if request.resource is None or request.resource.plural is None:
+            return rbac.Attributes(verb=_http_verb(request), path=request.url.path, resource_request=False)
+        if request.method == kmock.method.PUT and request.name is not None:
+            verb = 'update'
+        elif request.action == kmock.action.DELETE and request.name is None:
+            verb = 'deletecollection'
+        else:
+            verb = _VERBS.get(request.action) or _http_verb(request)
+        return rbac.Attributes(verb=verb, group=request.resource.group or '', resource=request.resource.plural,
+                               subresource=request.subresource or '', namespace=request.namespace or '',
+                               name=request.name or '')
+
+    def _authorize(self, request: rendering.Request) -> rbac.User:
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        user = self.tokens.authenticate(headers.get('authorization'))
+        if user is None:
+            raise _error(401, 'Unauthorized', 'Unauthorized')
+        if user.is_master:
+            return user   # no attributes to work out: a benchmark's burst pays nothing for RBAC
+        attributes = self._attributes(request)
+        if not self.policy.allows(user, attributes):
+            message = rbac.forbidden_message(user, attributes)
+            self.refusals.append((user, attributes, message))
+            raise kmock.KubernetesError(status=403, reason='Forbidden', message=message, details={
+                'name': attributes.name, 'group': attributes.group, 'kind': attributes.resource})
+        return user
+
+    def _confirm_no_escalation(self, user: rbac.User, plural: str, namespace: str | None,
+                               obj: Mapping[str, Any]) -> None:
+        """Writing a role or binding grants nothing its writer does not hold (or ``escalate``/``bind``)."""
+        if plural not in rbac.RBAC_PLURALS or user.is_master:
+            return
+        name = (obj.get('metadata') or {}).get('name', '')
+        target = rbac.Attributes(verb='escalate' if plural in ('roles', 'clusterroles') else 'bind',
+                                 group=rbac.RBAC_GROUP, namespace=namespace or '', name=name,
+                                 resource=plural if plural in ('roles', 'clusterroles') else '')
+        if plural in ('roles', 'clusterroles'):
+            rules = list(obj.get('rules') or [])
+        else:
+            ref = obj.get('roleRef') or {}
+            target = dataclasses.replace(target, resource='clusterroles' if ref.get('kind') == 'ClusterRole'
+                                         else 'roles', name=ref.get('name', ''))
+            rules = self.policy.bound_role_rules(obj, namespace)
+        if self.policy.allows(user, target):
+            return
+        missing = self.policy.not_held(user, rules, namespace)
+        if missing:
+            message = rbac.escalation_message(user, plural, name, missing)
+            self.refusals.append((user, self._attributes_for_write(plural, namespace, name), message))
+            raise kmock.KubernetesError(status=403, reason='Forbidden', message=message,
+                                        details={'name': name, 'group': rbac.RBAC_GROUP, 'kind': plural})
+
+    @staticmethod
+    def _attributes_for_write(plural: str, namespace: str | None, name: str) -> rbac.Attributes:
+        return rbac.Attributes(verb='create', group=rbac.RBAC_GROUP, resource=plural, namespace=namespace or '',
+                               name=name)
+
+    async def _serve_token_request(self, request: rendering.Request) -> aiohttp.web.Response:
+        """TokenRequest: ``POST .../serviceaccounts/<name>/token`` (what ``kubectl create token`` sends)."""
+        serviceaccounts = kmock.resource('', 'v1', 'serviceaccounts')
+        key = (serviceaccounts, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            raise _error(404, 'NotFound', f'serviceaccounts "{request.name}" not found')
+        assert request.namespace is not None and request.name is not None
+        body = request.data if isinstance(request.data, dict) else {}
+        seconds = int((body.get('spec') or {}).get('expirationSeconds') or 3600)
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+        return aiohttp.web.json_response({
+            'apiVersion': 'authentication.k8s.io/v1', 'kind': 'TokenRequest',
+            'metadata': {'name': request.name, 'namespace': request.namespace},
+            'spec': {'audiences': (body.get('spec') or {}).get('audiences') or ['https://kubernetes.default.svc'],
+                     'expirationSeconds': seconds},
+            'status': {'token': self.mint_token(request.namespace, request.name),
+                       'expirationTimestamp': expires.strftime('%Y-%m-%dT%H:%M:%SZ')}}, status=201)
+
     async def _handle(self, request: rendering.Request) -> Any:
+        _USER.set(self._authorize(request))
         if request.resource is None or request.resource.plural is None:
             return await apps.RawHandler._handle(self, request)  # discovery and other paths: kmock's DSL
+        if (request.resource.plural, request.subresource) == ('serviceaccounts', 'token') and request.name:
+            return await self._serve_token_request(request)
         is_put = request.name is not None and request.method == kmock.method.PUT
         dry_run = request.params.get('dryRun') == 'All'
         if is_put or request.action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
@@ -181,6 +296,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             except admission.AdmissionRefused as refused:
                 raise _error(refused.code, 'InternalError' if refused.code >= 500 else 'BadRequest',
                              str(refused)) from refused
+        self._confirm_no_escalation(_USER.get(), resource.plural or '', request.namespace, obj)
         if crd is None:
             return obj
         admitted, refusals = crd_checks.admit(crd[1], obj, old)
@@ -356,6 +472,8 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             await self._delete(dep_resource, dep_namespace, dep_name)
 
     async def _publish(self, resource: kmock.resource, event_type: str, obj: Mapping[str, Any]) -> None:
+        if resource.group == rbac.RBAC_GROUP and resource.plural in rbac.RBAC_PLURALS:
+            self.policy.observe(resource.plural, event_type, copy.deepcopy(dict(obj)))
         if (resource.group, resource.version, resource.plural) == admission.WEBHOOK_CONFIGS:
             if event_type == 'DELETED':
                 self._webhook_configs.pop(obj['metadata']['name'], None)
@@ -440,6 +558,11 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             result.append(logged)
         result.reverse()
         return result
+
+
+def _http_verb(request: rendering.Request) -> str:
+    """A non-resource request's verb is the HTTP method, lower-cased (kube-apiserver's RequestInfo)."""
+    return str(getattr(request.method, 'value', request.method)).lower()
 
 
 def jsonpatch_merge(target: Any, patch: Any) -> Any:
