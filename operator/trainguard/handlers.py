@@ -27,7 +27,7 @@ from trainguard.domain.spec import SpecError, parse_spec
 from trainguard.kopfstate import NoDiffBase, NoProgress, QuietEventHandlers
 from trainguard.kube import KubeApi
 from trainguard.runtime import Runtime, system_clock
-from trainguard.webhook import build_server
+from trainguard.webhook import Registration, build_server
 
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -55,13 +55,17 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     api = memo.get('api') or KubeApi.from_environment()
     memo.runtime = Runtime(config=config, api=api, clock=memo.get('clock') or system_clock)
     if config.webhook:
-        # HTTPS with our own certificates (or cert-manager's); kopf keeps the
-        # MutatingWebhookConfiguration named below current with the CA bundle.
+        # HTTPS with our own certificates (or cert-manager's). trainguard registers the
+        # MutatingWebhookConfiguration itself, not kopf's managed mode: see trainguard.webhook.
+        runtime = memo.runtime
+        memo.webhook_registration = Registration(
+            runtime.api.register_mutating_webhooks, on_retry=runtime.metrics.webhook_registration_failures.inc,
+            on_failure=functools.partial(_report_webhook_problem, runtime, 'WebhookNotRegistered',
+                                         'admission webhook could not be registered'))
         settings.admission.server = build_server(
             port=config.webhook_port, host=config.webhook_host, cert_dir=config.webhook_cert_dir,
-            service=config.webhook_service, on_failure=functools.partial(_webhook_failed, memo.runtime),
-            addr=memo.get('webhook_addr') or '0.0.0.0')
-        settings.admission.managed = 'trainguard.io'
+            service=config.webhook_service, on_failure=functools.partial(_webhook_failed, runtime),
+            on_config=memo.webhook_registration.submit, addr=memo.get('webhook_addr') or '0.0.0.0')
     memo.sweeper = asyncio.create_task(memo.runtime.sweep_forever(logger))
     if config.metrics_port:
         memo.metrics_server, _ = prometheus_client.start_http_server(
@@ -74,15 +78,22 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
 def _webhook_failed(runtime: Runtime, error: BaseException) -> None:
     """Counted and reported on the operator's Pod; reconciling goes on (see trainguard.webhook)."""
     runtime.metrics.webhook_failures.inc()
+    _report_webhook_problem(runtime, 'WebhookFailed', 'admission webhook could not start', error)
+
+
+def _report_webhook_problem(runtime: Runtime, reason: str, what: str, error: BaseException) -> None:
+    """A Warning Event on the operator's own Pod (the downward API names it), where it is seen."""
     pod, namespace = os.environ.get('POD_NAME'), os.environ.get('POD_NAMESPACE')
     if pod and namespace:
-        message = (f'admission webhook could not start ({error}); runs are admitted as written and '
-                   'the operator applies CPU safety itself')
+        message = f'{what} ({error}); runs are admitted as written and the operator applies CPU safety itself'
         asyncio.get_running_loop().run_in_executor(None, functools.partial(
-            runtime.api.post_pod_event, namespace, pod, 'Warning', 'WebhookFailed', message, runtime.clock()))
+            runtime.api.post_pod_event, namespace, pod, 'Warning', reason, message, runtime.clock()))
 
 
 async def stop(memo: kopf.Memo, **_: Any) -> None:
+    registration = memo.get('webhook_registration')
+    if registration is not None:
+        await registration.close()
     server = memo.get('metrics_server')
     if server is not None:
         server.shutdown()

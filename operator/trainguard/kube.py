@@ -31,6 +31,7 @@ _PATHS = {  # the collection each child kind is created in
     'Event': '/api/v1/namespaces/{namespace}/events',
 }
 _RUN = f'/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}'
+_MUTATING_CONFIGS = '/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations'
 
 
 class KubeApi:
@@ -80,6 +81,29 @@ class KubeApi:
                 return False
             raise
         return True
+
+    def register_mutating_webhooks(self, configuration: Mapping[str, Any]) -> None:
+        """Make the named MutatingWebhookConfiguration hold these webhooks: patch, or create when absent.
+
+        Patch first: after the first start the object exists, so a restart costs one request,
+        and RBAC can limit ``patch`` to this one name (``create`` cannot be limited by name).
+        """
+        name = configuration['metadata']['name']
+        patch = {'webhooks': configuration['webhooks']}
+        for _ in range(3):   # absent -> create; created meanwhile by a peer (409) -> patch again
+            try:
+                self._call('PATCH', f'{_MUTATING_CONFIGS}/{name}', patch, content_type=MERGE_PATCH)
+                return
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+            try:
+                self._call('POST', _MUTATING_CONFIGS, dict(configuration))
+                return
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+        raise RuntimeError(f'MutatingWebhookConfiguration {name} kept appearing and disappearing')
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -39,4 +39,8 @@ class Metrics:
         self.webhook_failures = Counter('trainguard_webhook_failures',
                                         'Admission webhook servers that could not start (runs are admitted '
                                         'unchanged; the operator rewrites them itself)', registry=self.registry)
+        self.webhook_registration_failures = Counter(
+            'trainguard_webhook_registration_failures',
+            'Refused or failed attempts to register the MutatingWebhookConfiguration (retried with back-off)',
+            registry=self.registry)
         self.registry.register(_RunsByPhase(runs))

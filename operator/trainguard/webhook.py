@@ -7,10 +7,15 @@
 - **Reaching it.** With a Service name configured, the MutatingWebhookConfiguration points at
   the Service (``clientConfig.service``: kube-apiserver routes to it without cluster DNS);
   otherwise at ``https://<host>:<port>`` (sandbox, tests, out-of-cluster development).
-- **Failing.** A webhook server that cannot start is logged, counted and reported once; it
-  never takes the operator down: kopf's other tasks keep reconciling, and the webhook is
-  registered with ``failurePolicy: Ignore``, so while it is away runs are admitted as
-  written and the operator's own reconcile applies the same CPU-safety rewrite.
+- **Registering.** trainguard, not kopf, keeps its one MutatingWebhookConfiguration current
+  (``Registration``; why in ``trainguard.domain.admission``): kopf's managed mode also
+  manages a validating configuration, and any refusal there stops the operator.
+- **Failing.** A webhook server that cannot start, or a configuration the API server refuses
+  (RBAC, an admission policy), is logged, counted and reported on the operator's Pod; it
+  never takes the operator down: kopf's other tasks keep reconciling, a refused registration
+  is retried with back-off, and the webhook is registered with ``failurePolicy: Ignore``, so
+  while it is away runs are admitted as written and the operator's own reconcile applies
+  the same CPU-safety rewrite.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from trainguard import GROUP, PLURAL, VERSION
+from trainguard.domain.admission import mutating_webhook_configuration, mutating_webhooks, retry_delay
 
 log = logging.getLogger(__name__)
 CERT_DAYS = 365
@@ -111,11 +119,13 @@ class TrainguardWebhookServer(kopf.WebhookServer):
     """kopf's HTTPS server, reached through a Service when one is named, and never fatal."""
 
     def __init__(self, *, service: ServiceRef | None = None, startup_error: BaseException | None = None,
-                 on_failure: Callable[[BaseException], None] | None = None, **kwargs: Any) -> None:
+                 on_failure: Callable[[BaseException], None] | None = None,
+                 on_config: Callable[[dict[str, Any]], None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.service = service
         self.startup_error = startup_error  # e.g. certificates that could not be made or read
         self.on_failure = on_failure
+        self.on_config = on_config  # each client config (URL or Service, CA bundle) once it is served
 
     async def __call__(self, fn: Any) -> AsyncIterator[Any]:
         try:
@@ -126,6 +136,8 @@ class TrainguardWebhookServer(kopf.WebhookServer):
                     config = {'service': {'namespace': self.service.namespace, 'name': self.service.name,
                                           'port': self.service.port, 'path': ''},
                               **({'caBundle': config['caBundle']} if config.get('caBundle') else {})}
+                if self.on_config is not None:
+                    self.on_config(dict(config))
                 yield config
         except (asyncio.CancelledError, GeneratorExit):
             raise
@@ -138,7 +150,8 @@ class TrainguardWebhookServer(kopf.WebhookServer):
 
 
 def build_server(*, port: int, host: str, cert_dir: str, service: tuple[str, str] | None,
-                 on_failure: Callable[[BaseException], None], addr: str = '0.0.0.0') -> TrainguardWebhookServer:
+                 on_failure: Callable[[BaseException], None], on_config: Callable[[dict[str, Any]], None],
+                 addr: str = '0.0.0.0') -> TrainguardWebhookServer:
     """The server for the operator's configuration; certificate problems surface when it starts."""
     reference = ServiceRef(*service) if service else None
     hostnames = [name for name in dict.fromkeys([
@@ -154,4 +167,57 @@ def build_server(*, port: int, host: str, cert_dir: str, service: tuple[str, str
         return TrainguardWebhookServer(addr=addr, port=port, startup_error=error, on_failure=on_failure)
     return TrainguardWebhookServer(addr=addr, port=port, host=host or None, certfile=files.certfile,
                                    pkeyfile=files.pkeyfile, cafile=files.cafile, service=reference,
-                                   on_failure=on_failure)
+                                   on_failure=on_failure, on_config=on_config)
+
+
+class Registration:
+    """Keeps the MutatingWebhookConfiguration pointing at the server that serves now; never raises.
+
+    Each client config the server yields (at start, and when cert-manager renews the
+    certificates) replaces the one being registered. A refused registration is logged, counted
+    and reported once per config through ``on_failure``, then retried with back-off for as long
+    as the operator runs, so fixing the RBAC later is enough. Nothing is removed on stop: in a
+    rolling update the old pod stops after the new one registered, and would unregister it.
+    """
+
+    def __init__(self, apply: Callable[[dict[str, Any]], None], *,
+                 on_failure: Callable[[BaseException], None], on_retry: Callable[[], None]) -> None:
+        self._apply = apply            # blocking: runs in a worker thread
+        self._on_failure = on_failure
+        self._on_retry = on_retry      # every failed attempt (a counter)
+        self._task: asyncio.Task[None] | None = None
+        self.registered = asyncio.Event()
+
+    def submit(self, client_config: dict[str, Any]) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.registered.clear()
+        webhooks = mutating_webhooks(client_config, group=GROUP, version=VERSION, plural=PLURAL)
+        self._task = asyncio.get_running_loop().create_task(self._register(mutating_webhook_configuration(webhooks)))
+
+    async def _register(self, configuration: dict[str, Any]) -> None:
+        failures = 0
+        while True:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._apply, configuration)
+            except Exception as error:  # RBAC, an admission policy, the API away: all retried
+                failures += 1
+                delay = retry_delay(failures)
+                log.error('could not register the admission webhook (attempt %d, next in %.0f s); runs are '
+                          'admitted as written and the operator applies CPU safety itself: %s',
+                          failures, delay, error)
+                self._on_retry()
+                if failures == 1:
+                    self._on_failure(error)
+                await asyncio.sleep(delay)
+                continue
+            if failures:
+                log.info('registered the admission webhook after %d failed attempts', failures)
+            self.registered.set()
+            return
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None

@@ -7,6 +7,7 @@ bundle, and the emulator calls it over HTTPS, verified with that bundle, on CREA
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
@@ -19,7 +20,8 @@ import kmock
 import kopf
 import pytest
 
-from tests.operator.conftest import EVENTS, NAMESPACE, RUNS, Api
+from tests.operator.conftest import EVENTS, NAMESPACE, PODS, RUNS, Api
+from tests.operator.identities import chart_rbac
 from tests.operator.test_lifecycle import CPU_RUN, phase
 from trainguard.domain.config import config_from_env
 from trainguard.handlers import register
@@ -58,6 +60,12 @@ async def create_when_admitted(api: Api, body: dict) -> dict:
     """The webhook is registered a moment after the operator is ready: wait for it, then create."""
     await registered_webhook(api)
     return await api.create(body)
+
+
+@pytest.fixture()
+def operator_rbac() -> list[dict]:
+    """The operator runs as the chart's ServiceAccount with exactly the chart's webhook rules."""
+    return chart_rbac('webhook.enabled=true')
 
 
 @pytest.fixture()
@@ -170,8 +178,50 @@ async def test_a_webhook_that_cannot_start_never_stops_reconciling(api, operator
     assert 'not-mounted/tls.crt is missing' in events[0]['message']
 
 
-async def _webhook_events(api: Api) -> list[dict]:
-    return [event for event in await api.list(EVENTS) if event['reason'] == 'WebhookFailed']
+async def _webhook_events(api: Api, reason: str = 'WebhookFailed') -> list[dict]:
+    return [event for event in await api.list(EVENTS) if event['reason'] == reason]
+
+
+async def replace_cluster_roles(api: Api, docs: list[dict]) -> None:
+    """``kubectl replace`` of an install's ClusterRoles, as the cluster admin."""
+    for role in (doc for doc in docs if doc['kind'] == 'ClusterRole'):
+        url = f'/apis/rbac.authorization.k8s.io/v1/clusterroles/{role["metadata"]["name"]}'
+        async with api.emulator.put(url, json=role) as response:
+            assert response.status == 200, await response.text()
+
+
+@pytest.mark.operator_refusals_expected
+@pytest.mark.looptime(noop_cycles=2000)
+async def test_a_refused_webhook_configuration_never_stops_the_operator(api, cluster, operator_memo, stopping,
+                                                                        monkeypatch):
+    """Webhook on, but its configuration may not be written (the chart's RBAC with the webhook off):
+    the operator keeps serving runs for minutes, says why on its Pod, and registers the webhook
+    by itself once an admin grants the rule."""
+    monkeypatch.setenv('POD_NAME', 'trainguard-7d9f')
+    monkeypatch.setenv('POD_NAMESPACE', NAMESPACE)
+    await replace_cluster_roles(api, chart_rbac('webhook.enabled=false'))   # no webhook rules
+    runner = webhook_operator(operator_memo)
+    stopping(runner)
+    await runner.start()
+    events = await api.wait_for(lambda: _webhook_events(api, 'WebhookNotRegistered'), timeout=60,
+                                what='the WebhookNotRegistered Event')
+    assert 'mutatingwebhookconfigurations' in events[0]['message'] and 'forbidden' in events[0]['message']
+    await asyncio.sleep(5 * 60)   # loop time: kopf gave up and stopped the operator after about a minute
+    await api.create(copy.deepcopy(CPU_RUN))
+    run = await api.wait_for_run('cpu', phase('Pending'), timeout=60)
+    assert run['spec']['hyperparameters'] == SAFE     # rewritten by the reconcile, not at admission
+    assert [pod['metadata']['name'] for pod in await api.list(PODS)] == ['cpu-1']
+    failures = operator_memo.runtime.metrics.webhook_registration_failures._value.get()
+    assert 5 <= failures <= 10, failures   # back-off: 5, 10, 20, 40, 80, 160 s, then every 300 s
+    refused = {(a.verb, a.resource, a.group) for who, a, _ in cluster.refusals if who.name.endswith(':tg-trainguard')}
+    assert refused == {('patch', 'mutatingwebhookconfigurations', 'admissionregistration.k8s.io')}
+    # An admin applies the chart with the webhook on: the next retry registers it.
+    await replace_cluster_roles(api, chart_rbac('webhook.enabled=true'))
+    hook = await registered_webhook(api)
+    assert hook['name'] == 'cpu-safety.trainguard.io'
+    body = copy.deepcopy(CPU_RUN)
+    body['metadata']['name'] = 'admitted'
+    assert (await api.create(body))['spec']['hyperparameters'] == SAFE
 
 
 @pytest.mark.parametrize('policy', ['Ignore', 'Fail'])

@@ -32,7 +32,9 @@ def test_generated_certificates_are_a_ca_and_a_serving_cert_for_every_name(tmp_p
     (None, None),
 ], ids=['service', 'url'])
 async def test_the_client_config_names_the_service_when_one_is_configured(tmp_path, service, expected):
-    server = build_server(port=0, host='127.0.0.1', cert_dir='', service=service, on_failure=print, addr='127.0.0.1')
+    registered: list[dict] = []
+    server = build_server(port=0, host='127.0.0.1', cert_dir='', service=service, on_failure=print,
+                          on_config=registered.append, addr='127.0.0.1')
 
     async def fn(*_, **__):
         return {}
@@ -45,14 +47,16 @@ async def test_the_client_config_names_the_service_when_one_is_configured(tmp_pa
             assert config['url'].startswith('https://127.0.0.1:')
         else:
             assert {key: value for key, value in config.items() if key != 'caBundle'} == expected
+        assert registered == [config]   # handed to the registration as kopf gets it
     finally:
         await configs.aclose()
 
 
 async def test_a_server_that_cannot_start_reports_once_and_stays_pending(tmp_path):
     failures: list[BaseException] = []
+    registered: list[dict] = []
     server = build_server(port=0, host='', cert_dir=str(tmp_path / 'missing'), service=None,
-                          on_failure=failures.append)
+                          on_failure=failures.append, on_config=registered.append)
     assert isinstance(server, TrainguardWebhookServer)
 
     async def fn(*_, **__):
@@ -64,4 +68,5 @@ async def test_a_server_that_cannot_start_reports_once_and_stays_pending(tmp_pat
         while not failures:
             await asyncio.sleep(0.01)
     assert [type(error) for error in failures] == [FileNotFoundError] and not task.done()
+    assert registered == []   # nothing to register: the API server is never pointed at a dead server
     task.cancel()

@@ -69,10 +69,16 @@ app.kubernetes.io/component: operator
   verbs: [list, watch, patch, get]
 {{- end }}
 {{- if .Values.webhook.enabled }}
-# kopf keeps the MutatingWebhookConfiguration current (URL and CA bundle).
+# The operator registers its one MutatingWebhookConfiguration (URL or Service, CA bundle):
+# created once (create cannot be limited by name), then patched by name only. Nothing else
+# of admissionregistration: no validating configuration, no list or watch.
 - apiGroups: [admissionregistration.k8s.io]
   resources: [mutatingwebhookconfigurations]
-  verbs: [create, patch, list, watch]
+  verbs: [create]
+- apiGroups: [admissionregistration.k8s.io]
+  resources: [mutatingwebhookconfigurations]
+  resourceNames: [trainguard.io]
+  verbs: [patch]
 {{- end }}
 {{- end -}}
 
