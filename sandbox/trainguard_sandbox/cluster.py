@@ -25,19 +25,60 @@ def load_crd(path: pathlib.Path = CRD_PATH) -> dict[str, Any]:
         return yaml.safe_load(file)
 
 
-def write_kubeconfig(path: pathlib.Path, server_url: str, namespace: str = 'default') -> pathlib.Path:
-    """A kubeconfig with no credentials: the emulator accepts every request."""
+def write_kubeconfig(path: pathlib.Path, server_url: str, namespace: str = 'default',
+                     token: str | None = None) -> pathlib.Path:
+    """A kubeconfig with this bearer token; without one, the emulator's cluster admin."""
     config = {
         'apiVersion': 'v1',
         'kind': 'Config',
         'clusters': [{'name': 'sandbox', 'cluster': {'server': server_url}}],
-        'users': [{'name': 'sandbox', 'user': {}}],
+        'users': [{'name': 'sandbox', 'user': {'token': token} if token else {}}],
         'contexts': [{'name': 'sandbox', 'context': {'cluster': 'sandbox', 'user': 'sandbox',
                                                       'namespace': namespace}}],
         'current-context': 'sandbox',
     }
     path.write_text(yaml.safe_dump(config), encoding='utf-8')
     return path
+
+
+SYSTEM_NAMESPACE = 'trainguard-system'
+RBAC_DIR = pathlib.Path(__file__).parent / 'manifests' / 'rbac'
+_PLURALS = {'ServiceAccount': 'serviceaccounts', 'ClusterRole': 'clusterroles', 'Role': 'roles',
+            'ClusterRoleBinding': 'clusterrolebindings', 'RoleBinding': 'rolebindings', 'Namespace': 'namespaces'}
+
+
+def manifests_operator_rbac(namespace: str = SYSTEM_NAMESPACE) -> list[dict[str, Any]]:
+    """The operator's ServiceAccount, ClusterRole and binding from manifests/rbac, as kustomize
+    places them (manifests/default sets the namespace)."""
+    docs = [yaml.safe_load((RBAC_DIR / name).read_text(encoding='utf-8'))
+            for name in ('service_account.yaml', 'role.yaml', 'role_binding.yaml')]
+    for doc in docs:
+        if doc['kind'] == 'ServiceAccount':
+            doc['metadata']['namespace'] = namespace
+        for subject in doc.get('subjects') or []:
+            subject['namespace'] = namespace
+    return docs
+
+
+async def apply_objects(emulator: FaithfulEmulator, docs: list[dict[str, Any]]) -> None:
+    """Create these objects as the cluster admin (as ``kubectl apply`` of an install would)."""
+    for doc in docs:
+        version = doc['apiVersion']
+        path = f'/api/{version}' if '/' not in version else f'/apis/{version}'
+        namespace = (doc.get('metadata') or {}).get('namespace')
+        path += (f'/namespaces/{namespace}' if namespace else '') + f'/{_PLURALS[doc["kind"]]}'
+        async with emulator.post(path, json=doc) as response:
+            if response.status >= 300:
+                raise RuntimeError(f'could not create {doc["kind"]} {doc["metadata"]["name"]}: '
+                                   f'{(await response.json()).get("message")}')
+
+
+async def install_identity(emulator: FaithfulEmulator, docs: list[dict[str, Any]]) -> tuple[str, str]:
+    """Apply an install's RBAC (one ServiceAccount among the objects); its user name and a token for it."""
+    await apply_objects(emulator, docs)
+    account = next(doc['metadata'] for doc in docs if doc['kind'] == 'ServiceAccount')
+    return (f'system:serviceaccount:{account["namespace"]}:{account["name"]}',
+            emulator.mint_token(account['namespace'], account['name']))
 
 
 @asynccontextmanager

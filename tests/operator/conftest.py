@@ -12,7 +12,8 @@ import kmock
 import kopf
 import pytest
 
-from trainguard_sandbox.cluster import emulated_cluster
+from tests.operator.identities import manifests_rbac
+from trainguard_sandbox.cluster import emulated_cluster, install_identity, write_kubeconfig
 from trainguard_sandbox.emulator import FaithfulEmulator
 from trainguard_sandbox.inprocess import OperatorRunner
 
@@ -23,14 +24,28 @@ NAMESPACE = 'default'
 
 
 @pytest.fixture()
-async def cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FaithfulEmulator]:
-    kubeconfig = tmp_path / 'kubeconfig'
-    async with emulated_cluster(kubeconfig, namespaces=(NAMESPACE, 'other')) as emulator:
-        monkeypatch.setenv('KUBECONFIG', str(kubeconfig))
+def operator_rbac() -> list[dict[str, Any]]:
+    """The install whose ServiceAccount the operator runs as; a module overrides it (the chart
+    with the webhook on, with replicas) where its operator needs what that install grants."""
+    return manifests_rbac()
+
+
+@pytest.fixture()
+async def cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, operator_rbac: list[dict[str, Any]],
+                  request: pytest.FixtureRequest) -> AsyncIterator[FaithfulEmulator]:
+    async with emulated_cluster(tmp_path / 'admin.kubeconfig', namespaces=(NAMESPACE, 'other')) as emulator:
+        # The operator (in-process or a subprocess) logs in with KUBECONFIG: its install's
+        # ServiceAccount token, authorized by the emulator against that install's RBAC.
+        user, token = await install_identity(emulator, operator_rbac)
+        url = str(emulator.servers[0].url).rstrip('/')
+        monkeypatch.setenv('KUBECONFIG', str(write_kubeconfig(tmp_path / 'kubeconfig', url, token=token)))
         # Most tests follow a run through Pending with a pod that never starts: its first status
         # is written at once here; tests/operator/test_rbac_and_budget.py covers the grace.
         monkeypatch.setenv('TRAINGUARD_FIRST_STATUS_GRACE_SECONDS', '0')
         yield emulator
+        refused = [message for who, _, message in emulator.refusals if who.name == user]
+        if not request.node.get_closest_marker('operator_refusals_expected'):
+            assert refused == [], 'the API refused the operator (its RBAC misses a rule):\n' + '\n'.join(refused)
 
 
 class Api:

@@ -15,24 +15,26 @@ import sys
 
 import kmock
 import pytest
+import yaml
 
+from tests.crd_schema import ROOT
 from tests.operator.conftest import PODS
+from tests.operator.identities import chart_rbac
 from tests.operator.test_lifecycle import beat, phase, run_body, set_pod_phase
 from trainguard_sandbox.emulator import register_crd
 
 pytestmark = pytest.mark.timeout(180)
 PEERINGS = kmock.resource('kopf.dev', 'v1', 'clusterkopfpeerings')
 LIFETIME = 10
-# kopf's own peering CRD, as the chart installs it (charts/trainguard/templates/extras.yaml).
-PEERING_CRD = {
-    'apiVersion': 'apiextensions.k8s.io/v1', 'kind': 'CustomResourceDefinition',
-    'metadata': {'name': 'clusterkopfpeerings.kopf.dev'},
-    'spec': {'scope': 'Cluster', 'group': 'kopf.dev',
-             'names': {'kind': 'ClusterKopfPeering', 'plural': 'clusterkopfpeerings',
-                       'singular': 'clusterkopfpeering'},
-             'versions': [{'name': 'v1', 'served': True, 'storage': True, 'schema': {'openAPIV3Schema': {
-                 'type': 'object', 'x-kubernetes-preserve-unknown-fields': True}}}]},
-}
+# kopf's own peering CRD, as the chart installs it (from its crds/ folder, before its templates).
+PEERING_CRD = yaml.safe_load((ROOT / 'charts' / 'trainguard' / 'crds' / 'clusterkopfpeerings.kopf.dev.yaml')
+                             .read_text())
+
+
+@pytest.fixture()
+def operator_rbac() -> list[dict]:
+    """Both operators run as the chart's ServiceAccount with the chart's HA rules."""
+    return chart_rbac('replicaCount=2')
 
 
 def start_operator(tmp_path, kubeconfig: str, name: str, priority: int) -> subprocess.Popen:

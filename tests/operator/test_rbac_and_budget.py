@@ -1,8 +1,10 @@
 """The ClusterRole in manifests/rbac is derived from, and checked against, every call the operator makes.
 
-kmock enforces no RBAC, so this test records what the real operator sends during a full
-lifecycle (create, rewrite, launch, heartbeat, stall, retry, success) and checks each
-call against the rules. It also measures the write budget of issue 3.
+The emulator authorizes every request (the operator runs as manifests/rbac's ServiceAccount,
+see tests/operator/conftest.py). This test also records what the real operator sends during
+a full lifecycle (create, rewrite, launch, heartbeat, stall, retry, success), checks each
+call against the rules, and that the lifecycle uses the rules it expects. It also measures
+the write budget of issue 3.
 """
 
 from __future__ import annotations
