@@ -93,6 +93,39 @@ def test_replicas_add_peering_and_a_disruption_budget():
     assert 'annotations' not in crd['metadata']   # crds.keep: false
 
 
+@pytest.mark.parametrize('values', [None, *VALUES_FILES], ids=['defaults', *[p.stem for p in VALUES_FILES]])
+def test_no_object_is_of_a_kind_that_the_same_release_defines(values):
+    """Helm maps every object of a release to a served kind before it creates anything, so an
+    object whose CRD is a template of the same release fails `helm install` on a cluster
+    without that CRD ("ensure CRDs are installed first"); `helm template` never notices.
+    Such CRDs belong in crds/, which Helm installs first."""
+    docs = render(values)
+    templated = {(crd['spec']['group'], crd['spec']['names']['kind'])
+                 for crd in by_kind(docs, 'CustomResourceDefinition')}
+    clashes = [(doc['apiVersion'], doc['kind']) for doc in docs
+               if (doc['apiVersion'].rpartition('/')[0], doc['kind']) in templated]
+    assert clashes == []
+
+
+def test_kinds_outside_kubernetes_come_from_crds_folder_or_a_documented_prerequisite():
+    chart_crds = [yaml.safe_load(path.read_text()) for path in sorted((CHART / 'crds').glob('*.yaml'))]
+    for crd in chart_crds:
+        kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True)
+    from_crds_folder = {crd['spec']['names']['kind'] for crd in chart_crds}
+    assert from_crds_folder == {'ClusterKopfPeering'}
+    prerequisites = {'ServiceMonitor': 'prometheus-operator', 'Certificate': 'cert-manager'}
+    readme = (CHART / 'README.md').read_text()
+    for kind, project in prerequisites.items():
+        assert project in readme, f'the chart README must say that {kind} needs {project}'
+    assert from_crds_folder | set(prerequisites) == FOREIGN_KINDS
+    # `helm install` applies crds/ first; `helm template --include-crds` shows them in that order.
+    docs = render(CHART / 'ci' / 'replicas-values.yaml', '--include-crds')
+    kinds = [doc['kind'] for doc in docs]
+    peering_crd = next(i for i, doc in enumerate(docs) if doc['kind'] == 'CustomResourceDefinition'
+                       and doc['spec']['group'] == 'kopf.dev')
+    assert peering_crd < kinds.index('ClusterKopfPeering')
+
+
 def test_webhook_with_cert_manager():
     docs = render(CHART / 'ci' / 'webhook-values.yaml')
     env = {item['name']: item.get('value', item.get('valueFrom')) for item in
