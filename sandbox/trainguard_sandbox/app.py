@@ -1,7 +1,10 @@
 """The sandbox: emulated API server + the real operator + local trainer processes, in one process.
 
-A development sandbox, not a cluster: no scheduler, no resource limits, no admission
-webhooks, no RBAC. Production is a real cluster (see README, "Install on a cluster").
+A development sandbox, not a cluster: no scheduler, no resource limits. RBAC is enforced as
+on a cluster: the operator runs as the ServiceAccount of manifests/rbac with exactly its
+ClusterRole, and each trainer process with a token of its pod's ServiceAccount (the per-run
+one the operator creates); ``kubeconfig`` in the work folder is the cluster admin's, for you.
+Production is a real cluster (see README, "Install on a cluster").
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -16,7 +20,7 @@ import kopf
 import yaml
 
 from trainguard.domain.config import config_from_env
-from trainguard_sandbox.cluster import emulated_cluster
+from trainguard_sandbox.cluster import emulated_cluster, install_identity, manifests_operator_rbac, write_kubeconfig
 from trainguard_sandbox.emulator import FaithfulEmulator
 from trainguard_sandbox.inprocess import OperatorRunner
 from trainguard_sandbox.pods import LocalPodRunner
@@ -41,8 +45,11 @@ class Sandbox:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._cluster = emulated_cluster(self.kubeconfig, port=self._port)
         self.emulator = await self._cluster.__aenter__()
-        os.environ['KUBECONFIG'] = str(self.kubeconfig)  # the operator's login and client read it
-        self.runner = LocalPodRunner(self.api_url, self.kubeconfig, self.workdir)
+        _, token = await install_identity(self.emulator, manifests_operator_rbac())
+        # The operator's login and client read KUBECONFIG: its ServiceAccount, not the admin.
+        os.environ['KUBECONFIG'] = str(write_kubeconfig(self.workdir / 'operator.kubeconfig', self.api_url,
+                                                        token=token))
+        self.runner = LocalPodRunner(self.api_url, self.kubeconfig, self.workdir, pod_kubeconfig=self._pod_kubeconfig)
         self._runner_task = asyncio.create_task(self.runner.run_forever())
         config = config_from_env({**os.environ, **self._env})
         self.operator = OperatorRunner(kopf.Memo(config=config))
@@ -59,6 +66,15 @@ class Sandbox:
         if self.runner is not None:
             await self.runner.close()
         await self._cluster.__aexit__(exc_type, exc, traceback)
+
+    def _pod_kubeconfig(self, pod: Mapping[str, Any]) -> pathlib.Path:
+        """What the kubelet mounts into a pod: a token of its ServiceAccount."""
+        assert self.emulator is not None
+        namespace, account = pod['metadata']['namespace'], pod['spec'].get('serviceAccountName') or 'default'
+        path = self.workdir / 'tokens' / f'{namespace}.{pod["metadata"]["name"]}.kubeconfig'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_kubeconfig(path, self.api_url, namespace=namespace,
+                                token=self.emulator.mint_token(namespace, account))
 
     @property
     def api_url(self) -> str:

@@ -158,8 +158,10 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
         hang_pods = [instance for instance in sandbox.runner.instances
                      if instance.name.startswith(hang['metadata']['name'])]
         processes = await _processes_stopped(sandbox, hang_pods)
+        assert sandbox.emulator is not None
+        refused = [message for _, _, message in sandbox.emulator.refusals]
         return _summary(final, cpu['metadata']['name'], multinode['metadata']['name'], hang['metadata']['name'],
-                        processes, time.monotonic() - started, table)
+                        processes, refused, time.monotonic() - started, table)
 
 
 async def _processes_stopped(sandbox: Sandbox, pods: list[PodInstance]) -> tuple[bool, str]:
@@ -178,7 +180,7 @@ async def _processes_stopped(sandbox: Sandbox, pods: list[PodInstance]) -> tuple
 
 
 def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_name: str, hang_name: str,
-             processes: tuple[bool, str], seconds: float, table: LiveTable) -> int:
+             processes: tuple[bool, str], refused: list[str], seconds: float, table: LiveTable) -> int:
     cpu_status = (final.get(cpu_name) or {}).get('status') or {}
     gang_status = (final.get(multinode_name) or {}).get('status') or {}
     gang_progress = gang_status.get('progress') or {}
@@ -204,6 +206,8 @@ def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_na
          f'{hang_name}: {hang_status.get("phase", "not finished")}/{hang_status.get("reason", "")}: '
          f'{hang_status.get("message", "")}'),
         (processes_gone, f'{hang_name}: {process_text}'),
+        (not refused, 'RBAC: the operator (manifests/rbac) and every trainer (its run\'s own Role) did all this '
+                      'with no request refused' if not refused else f'RBAC refused: {"; ".join(refused[:3])}'),
     ]
     table.note('')
     for ok, text in checks:

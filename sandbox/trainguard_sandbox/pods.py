@@ -101,12 +101,16 @@ def process_group_gone(pid: int) -> bool:
 
 class LocalPodRunner:
     """``headers``/``ssl`` authenticate the runner itself (a real API server); ``pod_kubeconfig``
-    gives each trainer the credentials of its pod's ServiceAccount (default: ``kubeconfig``)."""
+    gives each trainer the credentials of its pod's ServiceAccount (default: ``kubeconfig``);
+    ``namespace`` limits it to one namespace (on a shared server, where other tests' pods stay:
+    envtest has no garbage collector to delete a deleted run's pods)."""
 
     def __init__(self, api_url: str, kubeconfig: pathlib.Path, workdir: pathlib.Path,
                  poll_seconds: float = 0.25, *, headers: Mapping[str, str] | None = None,
-                 ssl: Any = None, pod_kubeconfig: Callable[[Mapping[str, Any]], pathlib.Path] | None = None) -> None:
+                 ssl: Any = None, pod_kubeconfig: Callable[[Mapping[str, Any]], pathlib.Path] | None = None,
+                 namespace: str | None = None) -> None:
         self._api = api_url.rstrip('/')
+        self._pods_path = f'/api/v1/namespaces/{namespace}/pods' if namespace else '/api/v1/pods'
         self._kubeconfig = kubeconfig
         self._headers = dict(headers or {})
         self._ssl = ssl
@@ -210,7 +214,7 @@ class LocalPodRunner:
                 await asyncio.sleep(self._poll)
 
     async def _sync(self, session: aiohttp.ClientSession) -> None:
-        async with session.get(f'{self._api}/api/v1/pods', params={'labelSelector': POD_SELECTOR}) as response:
+        async with session.get(f'{self._api}{self._pods_path}', params={'labelSelector': POD_SELECTOR}) as response:
             pods = (await response.json())['items']
         alive = {pod['metadata']['uid'] for pod in pods}
         # Kill first: a pod deleted and recreated under the same name between two polls is a
