@@ -1,5 +1,11 @@
 """A real control plane for the apiserver tier: etcd + kube-apiserver from ``$KUBEBUILDER_ASSETS``.
 
+envtest runs no kube-controller-manager: a deleted namespace stays ``Terminating`` for ever,
+deleting an owner collects none of its dependents, and ClusterRoles are not aggregated. So
+every case works in names of its own (``unique``, the ``namespace`` fixture) and states its
+own preconditions (the TrainingRun CRD present or absent) instead of relying on what another
+case left behind: the tier passes in any order (``--reverse``, ``--random-order``).
+
 The folder is setup-envtest's layout (``etcd``, ``kube-apiserver``, ``kubectl``). Without it
 the whole tier skips with one reason. The fixture starts both on free loopback ports in a
 temporary folder, with RBAC on, service-account token signing (so the TokenRequest API mints
@@ -20,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import requests
@@ -62,6 +68,17 @@ class ControlPlane:
         if check and result.returncode != 0:
             raise AssertionError(f'{" ".join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}')
         return result
+
+    def wait_until(self, what: str, predicate: Callable[[], bool], timeout: float = 60) -> None:
+        """Poll (every 0.5 s) until the server's asynchronous work shows, failing after a deadline."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f'timed out after {timeout:.0f}s waiting for {what}')
+            time.sleep(0.5)
+
+    def token_for(self, namespace: str, account: str) -> str:
+        return self.run('kubectl', 'create', 'token', account, '-n', namespace, '--duration=2h').stdout.strip()
 
     def kubeconfig_for(self, token: str, name: str) -> pathlib.Path:
         path = self.folder / f'{name}.kubeconfig'
@@ -145,3 +162,17 @@ def control_plane() -> Iterator[ControlPlane]:
             log.close()
         if not os.environ.get('TRAINGUARD_KEEP_APISERVER'):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def unique(prefix: str) -> str:
+    """A name no other case (or earlier run against the same server) uses."""
+    return f'{prefix}-{secrets.token_hex(3)}'
+
+
+@pytest.fixture()
+def namespace(control_plane: ControlPlane) -> str:
+    """A namespace of this case's own, never deleted: on envtest it would stay Terminating for
+    ever, and a case that installed into it again would be refused ("being terminated")."""
+    name = unique('tg-case')
+    control_plane.run('kubectl', 'create', 'namespace', name)
+    return name

@@ -1,8 +1,10 @@
 """What users run, against a real kube-apiserver: the installs, the CRD, refusals, the operator.
 
 Skips without ``$KUBEBUILDER_ASSETS`` (see conftest.py); ``.github/workflows/apiserver.yaml``
-runs it on the oldest and newest supported Kubernetes minors. Tests run in file order and
-leave the cluster as they found it, except the last, which keeps its release for the operator.
+runs it on the oldest and newest supported Kubernetes minors, in file order, reversed and
+shuffled. Every case uses names of its own and establishes what it needs (the CRD present
+or absent) itself, and waits, with a deadline, for whatever the server does asynchronously
+(a CRD Established, its OpenAPI published, a peering object filled in).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import pathlib
+import signal
 import ssl
 import subprocess
 import sys
@@ -20,83 +24,164 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.apiserver.conftest import AVAILABLE, ROOT, SKIP_REASON, ControlPlane
+from tests.apiserver.conftest import AVAILABLE, ROOT, SKIP_REASON, ControlPlane, unique
 from tests.manifests.test_crd_schema import MALFORMED
 from trainguard_sandbox.pods import LocalPodRunner
 
-pytestmark = [pytest.mark.skipif(not AVAILABLE, reason=SKIP_REASON), pytest.mark.timeout(600)]
-CRD = 'customresourcedefinitions/trainingruns.trainguard.io'
-VALUES = sorted((ROOT / 'charts' / 'trainguard' / 'ci').glob('*-values.yaml'))
+pytestmark = [pytest.mark.skipif(not AVAILABLE, reason=SKIP_REASON), pytest.mark.timeout(900)]
+CRD_NAME = 'trainingruns.trainguard.io'
+PEERING_CRD_NAME = 'clusterkopfpeerings.kopf.dev'
+CHART = ROOT / 'charts' / 'trainguard'
+VALUES = sorted((CHART / 'ci').glob('*-values.yaml'))
 # Kinds the chart may render that belong to other projects (cert-manager, prometheus-operator):
 # registered as schemaless CRDs so `helm install` with every values file can run here.
 FOREIGN = ROOT / 'tests' / 'apiserver' / 'foreign-crds.yaml'
+WEBHOOK_CONFIGURATION = 'trainguard.io'   # the operator registers it at run time
+ALIVE_AFTER_SECONDS = 300                 # kopf's own admission manager stopped the operator after ~60 s
 
 
-def wait_established(plane: ControlPlane) -> None:
-    plane.run('kubectl', 'wait', '--for=condition=Established', CRD, '--timeout=60s')
+# -- preconditions, each waited for with a deadline -------------------------------------------
+
+def remove_crd(plane: ControlPlane, name: str = CRD_NAME) -> None:
+    """Absent, and gone for real (CRD deletion is done by kube-apiserver itself, also on envtest)."""
+    plane.run('kubectl', 'delete', 'crd', name, '--ignore-not-found', '--wait=true', '--timeout=120s', timeout=150)
 
 
-def wait_gone(plane: ControlPlane, what: str) -> None:
-    plane.run('kubectl', 'wait', '--for=delete', what, '--timeout=120s', check=False)
+def wait_established(plane: ControlPlane, name: str = CRD_NAME) -> None:
+    plane.run('kubectl', 'wait', '--for=condition=Established', f'crd/{name}', '--timeout=60s', timeout=90)
 
 
-def test_kustomize_install_is_accepted_and_explained(control_plane: ControlPlane) -> None:
-    plane = control_plane
-    plane.run('kubectl', 'apply', '-k', 'manifests/default')
-    try:
-        wait_established(plane)
-        explained = plane.run('kubectl', 'explain', 'trainingrun.spec.hyperparameters').stdout
-        assert 'Capped at 4 on CPU' in explained
-        plane.run('kubectl', 'apply', '-f', 'manifests/samples/cpu-run.yaml', '-n', 'default')
-        stored = json.loads(plane.run('kubectl', 'get', 'tr', 'unet-cpu', '-n', 'default', '-o', 'json').stdout)
-        assert stored['spec']['model']['strides'] == [2, 2, 2, 2]   # structural defaults, as served
-    finally:
-        plane.run('kubectl', 'delete', '-f', 'manifests/samples/cpu-run.yaml', '-n', 'default', '--ignore-not-found')
-        plane.run('kubectl', 'delete', '-k', 'manifests/default', '--ignore-not-found', '--wait=true')
-        wait_gone(plane, CRD)
+def wait_explained(plane: ControlPlane, field: str, text: str) -> str:
+    """The server publishes a new CRD's OpenAPI a moment after Established: `kubectl explain`
+    says "couldn't find resource" until then."""
+    answer: dict[str, str] = {}
+
+    def explained() -> bool:
+        result = plane.run('kubectl', 'explain', field, check=False)
+        answer['text'] = result.stdout + result.stderr
+        return result.returncode == 0 and text in result.stdout
+    plane.wait_until(f'`kubectl explain {field}` to show {text!r}', explained)
+    return answer['text']
+
+
+def remove_webhook_configuration(plane: ControlPlane) -> None:
+    plane.run('kubectl', 'delete', 'mutatingwebhookconfiguration', WEBHOOK_CONFIGURATION, '--ignore-not-found')
 
 
 @pytest.fixture()
-def crd(control_plane: ControlPlane):
+def crd_absent(control_plane: ControlPlane) -> None:
+    """For a case that installs the CRD (a Helm release owns it: another release's copy would be refused)."""
+    remove_crd(control_plane)
+
+
+@pytest.fixture()
+def crd(control_plane: ControlPlane) -> None:
+    """The CRD from manifests/, present and served (apply is idempotent; a Helm-owned copy is replaced)."""
+    if control_plane.run('kubectl', 'get', 'crd', CRD_NAME, '-o', 'jsonpath={.metadata.labels}',
+                         check=False).stdout.find('Helm') >= 0:
+        remove_crd(control_plane)
     control_plane.run('kubectl', 'apply', '-f', 'manifests/crd/trainingruns.trainguard.io.yaml')
     wait_established(control_plane)
-    yield
-    control_plane.run('kubectl', 'delete', '-f', 'manifests/crd/trainingruns.trainguard.io.yaml', '--wait=true')
-    wait_gone(control_plane, CRD)
+
+
+# -- installs -----------------------------------------------------------------------------------
+
+def test_kustomize_install_is_accepted_and_explained(control_plane: ControlPlane, crd_absent, namespace: str,
+                                                     tmp_path: pathlib.Path) -> None:
+    plane = control_plane
+    rendered = [doc for doc in yaml.safe_load_all(plane.run('kubectl', 'kustomize', 'manifests/default').stdout)
+                if doc]
+    plane.run('kubectl', 'apply', '-k', 'manifests/default')
+    try:
+        wait_established(plane)
+        assert 'Capped at 4 on CPU' in wait_explained(plane, 'trainingrun.spec.hyperparameters', 'Capped at 4')
+        plane.run('kubectl', 'apply', '-f', 'manifests/samples/cpu-run.yaml', '-n', namespace)
+        stored = json.loads(plane.run('kubectl', 'get', 'tr', 'unet-cpu', '-n', namespace, '-o', 'json').stdout)
+        assert stored['spec']['model']['strides'] == [2, 2, 2, 2]   # structural defaults, as served
+    finally:
+        # Everything but the Namespace: deleting it would leave it Terminating for ever here.
+        leftovers = tmp_path / 'installed.yaml'
+        leftovers.write_text(yaml.safe_dump_all([doc for doc in rendered if doc['kind'] != 'Namespace']))
+        plane.run('kubectl', 'delete', '-f', str(leftovers), '--ignore-not-found', '--wait=false')
+        remove_crd(plane)
 
 
 @pytest.mark.parametrize(('body', 'field'), [(body, field) for _, body, field in MALFORMED],
                          ids=[name for name, _, _ in MALFORMED])
-def test_the_server_refuses_a_malformed_run_naming_the_field(control_plane, crd, tmp_path, body, field) -> None:
+def test_the_server_refuses_a_malformed_run_naming_the_field(control_plane, crd, namespace, tmp_path, body,
+                                                             field) -> None:
     manifest = tmp_path / 'run.yaml'
-    manifest.write_text(yaml.safe_dump({**copy.deepcopy(body), 'metadata': {'name': 'r', 'namespace': 'default'}}))
+    manifest.write_text(yaml.safe_dump({**copy.deepcopy(body), 'metadata': {'name': 'r', 'namespace': namespace}}))
     result = control_plane.run('kubectl', 'create', '-f', str(manifest), check=False)
     assert result.returncode != 0, 'the server accepted it'
     assert field in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize('values', VALUES, ids=[path.stem for path in VALUES])
-def test_helm_install_upgrade_uninstall(control_plane: ControlPlane, values: pathlib.Path) -> None:
-    plane = control_plane
+def helm_install(plane: ControlPlane, release: str, namespace: str, *args: str) -> None:
     plane.run('kubectl', 'apply', '-f', str(FOREIGN))
-    for namespace in ('ml-team-a', 'ml-team-b'):   # namespaced-values binds roles there
-        plane.run('kubectl', 'create', 'namespace', namespace, check=False)
-    chart = str(ROOT / 'charts' / 'trainguard')
-    common = ['--namespace', 'trainguard-system', '-f', str(values)]
-    plane.run('helm', 'install', 'tg', chart, '--create-namespace', *common)
+    for team in ('ml-team-a', 'ml-team-b'):   # namespaced-values binds roles there; never deleted
+        plane.run('kubectl', 'create', 'namespace', team, check=False)
+    plane.run('helm', 'install', release, str(CHART), '--namespace', namespace, '--create-namespace', *args)
+
+
+def helm_uninstall(plane: ControlPlane, release: str, namespace: str) -> None:
+    plane.run('helm', 'uninstall', release, '--namespace', namespace, '--wait', '--timeout=120s', timeout=150)
+
+
+@pytest.mark.parametrize('values', VALUES, ids=[path.stem for path in VALUES])
+def test_helm_install_upgrade_uninstall_on_an_empty_cluster(control_plane: ControlPlane, crd_absent,
+                                                            values: pathlib.Path) -> None:
+    """Neither CRD there before: Helm must install kopf's peering CRD (crds/) before it maps the
+    release's ClusterKopfPeering object, or it refuses the whole release."""
+    plane = control_plane
+    remove_crd(plane, PEERING_CRD_NAME)
+    release, namespace = unique('tg'), unique('tg-system')
+    helm_install(plane, release, namespace, '-f', str(values))
     try:
         wait_established(plane)
-        plane.run('helm', 'upgrade', 'tg', chart, *common, '--set', 'operator.sweepSeconds=7')
+        wait_established(plane, PEERING_CRD_NAME)
+        replicas = yaml.safe_load(values.read_text()).get('replicaCount', 1)
+        peerings = plane.run('kubectl', 'get', 'clusterkopfpeerings', '-o', 'name').stdout.split()
+        assert (f'clusterkopfpeering.kopf.dev/{release}-trainguard' in peerings) is (replicas > 1), peerings
+        plane.run('helm', 'upgrade', release, str(CHART), '--namespace', namespace, '-f', str(values),
+                  '--set', 'operator.sweepSeconds=7')
     finally:
-        plane.run('helm', 'uninstall', 'tg', '--namespace', 'trainguard-system', '--wait')
-        plane.run('kubectl', 'delete', CRD.replace('customresourcedefinitions/', 'crd/'), '--ignore-not-found')
-        wait_gone(plane, CRD)
+        helm_uninstall(plane, release, namespace)
+    assert not plane.run('kubectl', 'get', 'clusterroles', '-l', f'app.kubernetes.io/instance={release}',
+                         '-o', 'name').stdout.strip()
 
 
-async def _wait_phase(plane: ControlPlane, name: str, phases: tuple[str, ...], timeout: float) -> dict[str, Any]:
+# -- the operator, as the chart's ServiceAccount ------------------------------------------------
+
+def start_operator(plane: ControlPlane, kubeconfig: pathlib.Path, log: pathlib.Path, *args: str,
+                   **env: str) -> subprocess.Popen[bytes]:
+    environment = {**plane.env(kubeconfig), 'TRAINGUARD_SWEEP_SECONDS': '1', **env}
+    with log.open('wb') as output:
+        return subprocess.Popen([sys.executable, '-m', 'trainguard.cli', 'run', *args], env=environment,
+                                stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_operator(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def create(plane: ControlPlane, body: dict[str, Any], namespace: str, folder: pathlib.Path) -> dict[str, Any]:
+    manifest = folder / f'{body["metadata"]["name"]}.yaml'
+    manifest.write_text(yaml.safe_dump(body))
+    return json.loads(plane.run('kubectl', 'create', '-n', namespace, '-o', 'json', '-f', str(manifest)).stdout)
+
+
+async def _wait_phase(plane: ControlPlane, name: str, namespace: str, phases: tuple[str, ...],
+                      timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        result = plane.run('kubectl', 'get', 'tr', name, '-n', 'default', '-o', 'json', check=False)
+        result = plane.run('kubectl', 'get', 'tr', name, '-n', namespace, '-o', 'json', check=False)
         run = json.loads(result.stdout) if result.returncode == 0 else {}
         if (run.get('status') or {}).get('phase') in phases:
             return run
@@ -104,77 +189,154 @@ async def _wait_phase(plane: ControlPlane, name: str, phases: tuple[str, ...], t
         await asyncio.sleep(1)
 
 
-async def test_the_operator_as_its_service_account_trains_and_stops_a_hang(control_plane: ControlPlane,
-                                                                           tmp_path: pathlib.Path) -> None:
-    """Exactly the shipped ClusterRole, webhook on; trainer processes as the kubelet, each with its pod's token."""
+def _peers(plane: ControlPlane, name: str) -> int:
+    result = plane.run('kubectl', 'get', 'clusterkopfpeering', name, '-o', 'json', check=False)
+    return len(json.loads(result.stdout).get('status') or {}) if result.returncode == 0 else 0
+
+
+def test_two_replicas_agree_through_the_peering_the_chart_installs(control_plane: ControlPlane, crd_absent,
+                                                                   namespace: str, tmp_path: pathlib.Path) -> None:
     plane = control_plane
-    plane.run('helm', 'install', 'tg', str(ROOT / 'charts' / 'trainguard'), '--namespace', 'trainguard-system',
-              '--create-namespace', '--set', 'webhook.enabled=true', '--set', 'replicaCount=1')
+    remove_crd(plane, PEERING_CRD_NAME)
+    release, system = unique('tg'), unique('tg-system')
+    peering = f'{release}-trainguard'
+    helm_install(plane, release, system, '-f', str(CHART / 'ci' / 'replicas-values.yaml'))
+    operators: list[subprocess.Popen[bytes]] = []
+    try:
+        wait_established(plane)
+        kubeconfig = plane.kubeconfig_for(plane.token_for(system, peering), f'operator-{release}')
+        for priority in (200, 100):   # two operator pods' worth
+            operators.append(start_operator(plane, kubeconfig, tmp_path / f'operator-{priority}.log',
+                                            f'--peering={peering}', TRAINGUARD_PEERING_PRIORITY=str(priority)))
+        plane.wait_until('both operators in the peering object', lambda: _peers(plane, peering) == 2, timeout=90)
+        sample = yaml.safe_load((ROOT / 'manifests' / 'samples' / 'cpu-run.yaml').read_text())
+        create(plane, sample, namespace, tmp_path)
+        plane.wait_until('the active operator to create the pod', lambda: plane.run(
+            'kubectl', 'get', 'pods', '-n', namespace, '-o', 'name').stdout.split() == ['pod/unet-cpu-1'])
+        assert all(operator.poll() is None for operator in operators)
+    finally:
+        for operator in operators:
+            stop_operator(operator)
+        plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
+        helm_uninstall(plane, release, system)
+    for log in tmp_path.glob('operator-*.log'):
+        text = log.read_text()
+        assert 'Forbidden' not in text and '403' not in text, text[-3000:]
+
+
+def _webhook_registered(plane: ControlPlane) -> bool:
+    result = plane.run('kubectl', 'get', 'mutatingwebhookconfiguration', WEBHOOK_CONFIGURATION, '-o', 'json',
+                       check=False)
+    if result.returncode != 0:
+        return False
+    return any(hook['name'] == 'cpu-safety.trainguard.io' and hook.get('clientConfig', {}).get('caBundle')
+               for hook in json.loads(result.stdout).get('webhooks') or [])
+
+
+def tiny(name: str, **spec: Any) -> dict[str, Any]:
+    body = yaml.safe_load((ROOT / 'manifests' / 'samples' / name).read_text())
+    body['spec'].update({'model': {'channels': [8, 16], 'strides': [2], 'numResUnits': 0},
+                         'dataset': {'numSamples': 15}, **spec})
+    return body
+
+
+async def test_the_operator_as_its_service_account_trains_and_stops_a_hang(control_plane: ControlPlane,
+                                                                           crd_absent, namespace: str,
+                                                                           tmp_path: pathlib.Path) -> None:
+    """Exactly the chart's RBAC with the webhook on; trainer processes as the kubelet would run
+    them, each with its pod's token; still alive and reconciling five minutes after start."""
+    plane = control_plane
+    remove_webhook_configuration(plane)
+    release, system = unique('tg'), unique('tg-system')
+    helm_install(plane, release, system, '--set', 'webhook.enabled=true', '--set', 'replicaCount=1')
     wait_established(plane)
-    operator_token = plane.run('kubectl', 'create', 'token', 'tg-trainguard', '-n', 'trainguard-system',
-                               '--duration=1h').stdout.strip()
-    operator_kubeconfig = plane.kubeconfig_for(operator_token, 'operator')
-    env = {**plane.env(operator_kubeconfig), 'TRAINGUARD_WEBHOOK': 'on', 'TRAINGUARD_WEBHOOK_HOST': '127.0.0.1',
-           'TRAINGUARD_WEBHOOK_PORT': '19443', 'TRAINGUARD_SWEEP_SECONDS': '1'}
+    kubeconfig = plane.kubeconfig_for(plane.token_for(system, f'{release}-trainguard'), f'operator-{release}')
     log_path = tmp_path / 'operator.log'
-    with log_path.open('wb') as log:
-        operator = subprocess.Popen([sys.executable, '-m', 'trainguard.cli', 'run', '--standalone'], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)
+    started = time.monotonic()
+    operator = start_operator(plane, kubeconfig, log_path, '--standalone', TRAINGUARD_WEBHOOK='on',
+                              TRAINGUARD_WEBHOOK_HOST='127.0.0.1', TRAINGUARD_WEBHOOK_PORT='19443')
 
     def pod_kubeconfig(pod: dict[str, Any]) -> pathlib.Path:
-        account, namespace = pod['spec']['serviceAccountName'], pod['metadata']['namespace']
-        token = plane.run('kubectl', 'create', 'token', account, '-n', namespace).stdout.strip()
+        token = plane.token_for(pod['metadata']['namespace'], pod['spec']['serviceAccountName'])
         return plane.kubeconfig_for(token, f'pod-{pod["metadata"]["name"]}')
 
-    runner = LocalPodRunner(plane.url, plane.kubeconfig, tmp_path / 'pods',
+    runner = LocalPodRunner(plane.url, plane.kubeconfig, tmp_path / 'pods', namespace=namespace,
                             headers={'Authorization': f'Bearer {plane.token}'},
                             ssl=ssl.create_default_context(cafile=str(plane.ca)), pod_kubeconfig=pod_kubeconfig)
     runner_task = asyncio.create_task(runner.run_forever())
     try:
         deadline = time.monotonic() + 60
-        while not _webhook_registered(plane):   # kopf registers it once its HTTPS server listens
+        while not _webhook_registered(plane):   # the operator registers it once its HTTPS server listens
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             await asyncio.sleep(1)
-        tiny = {'model': {'channels': [8, 16], 'strides': [2], 'numResUnits': 0},
-                'dataset': {'numSamples': 15}, 'progressTimeoutSeconds': 10}
-        cpu = yaml.safe_load((ROOT / 'manifests' / 'samples' / 'cpu-run.yaml').read_text())
-        cpu['spec'].update(tiny)
-        hang = yaml.safe_load((ROOT / 'manifests' / 'samples' / 'hang-demo-run.yaml').read_text())
-        hang['spec'].update(tiny)
+        cpu = tiny('cpu-run.yaml', progressTimeoutSeconds=10)
+        hang = tiny('hang-demo-run.yaml', progressTimeoutSeconds=10)
         # Multi-node: the operator creates the Service and both pods as itself; the runner maps
         # rank 0's DNS name to loopback.
         gang = yaml.safe_load((ROOT / 'manifests' / 'samples' / 'multinode-run.yaml').read_text())
         gang_hang = yaml.safe_load((ROOT / 'manifests' / 'samples' / 'multinode-hang-demo-run.yaml').read_text())
         gang_hang['spec']['progressTimeoutSeconds'] = 10
         for body in (cpu, hang, gang, gang_hang):
-            manifest = tmp_path / f'{body["metadata"]["name"]}.yaml'
-            manifest.write_text(yaml.safe_dump(body))
-            created = json.loads(plane.run('kubectl', 'create', '-n', 'default', '-o', 'json', '-f',
-                                           str(manifest)).stdout)
+            created = create(plane, body, namespace, tmp_path)
             if body is cpu:   # rewritten by the webhook at admission
                 assert created['spec']['hyperparameters']['batchSize'] == 4
-        done = await _wait_phase(plane, cpu['metadata']['name'], ('Succeeded', 'Failed'), 300)
+        done = await _wait_phase(plane, cpu['metadata']['name'], namespace, ('Succeeded', 'Failed'), 300)
         assert done['status']['phase'] == 'Succeeded', done['status']
-        hung = await _wait_phase(plane, hang['metadata']['name'], ('Succeeded', 'Failed'), 300)
+        hung = await _wait_phase(plane, hang['metadata']['name'], namespace, ('Succeeded', 'Failed'), 300)
         assert hung['status']['reason'] == 'ProgressTimeout', hung['status']
-        pair = await _wait_phase(plane, gang['metadata']['name'], ('Succeeded', 'Failed'), 300)
+        pair = await _wait_phase(plane, gang['metadata']['name'], namespace, ('Succeeded', 'Failed'), 300)
         assert pair['status']['phase'] == 'Succeeded' and pair['status']['progress']['worldSize'] == 2, pair['status']
-        service = json.loads(plane.run('kubectl', 'get', 'service', gang['metadata']['name'], '-n', 'default',
+        service = json.loads(plane.run('kubectl', 'get', 'service', gang['metadata']['name'], '-n', namespace,
                                        '-o', 'json').stdout)
         assert service['spec']['clusterIP'] == 'None'
-        frozen = await _wait_phase(plane, gang_hang['metadata']['name'], ('Succeeded', 'Failed'), 300)
+        frozen = await _wait_phase(plane, gang_hang['metadata']['name'], namespace, ('Succeeded', 'Failed'), 300)
         assert frozen['status']['reason'] == 'ProgressTimeout', frozen['status']
+        # Alive and reconciling minutes after start (kopf's managed webhook stopped it after ~60 s).
+        await asyncio.sleep(max(0.0, ALIVE_AFTER_SECONDS - (time.monotonic() - started)))
+        assert operator.poll() is None, log_path.read_text()[-3000:]
+        late = create(plane, tiny('cpu-run.yaml') | {'metadata': {'name': 'late'}}, namespace, tmp_path)
+        assert late['spec']['hyperparameters']['batchSize'] == 4
+        await _wait_phase(plane, 'late', namespace, ('Running', 'Succeeded'), 120)
     finally:
         runner_task.cancel()
         await asyncio.gather(runner_task, return_exceptions=True)
         await runner.close()
-        operator.terminate()
-        operator.wait(timeout=60)
+        stop_operator(operator)
+        remove_webhook_configuration(plane)
+        plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
+        helm_uninstall(plane, release, system)
     text = log_path.read_text()
     assert '403' not in text and 'Forbidden' not in text, text[-3000:]
 
 
-def _webhook_registered(plane: ControlPlane) -> bool:
-    configs = json.loads(plane.run('kubectl', 'get', 'mutatingwebhookconfigurations', '-o', 'json').stdout)
-    return any(hook['name'] == 'cpu-safety.trainguard.io' and hook.get('clientConfig', {}).get('caBundle')
-               for config in configs['items'] for hook in config.get('webhooks') or [])
+async def test_a_refused_webhook_configuration_never_stops_the_operator(control_plane: ControlPlane, crd_absent,
+                                                                        namespace: str,
+                                                                        tmp_path: pathlib.Path) -> None:
+    """The webhook on, but the chart installed without its rules: registration is refused (403)
+    and retried; the operator keeps reconciling past the minute after which kopf's own admission
+    manager used to stop it."""
+    plane = control_plane
+    remove_webhook_configuration(plane)
+    release, system = unique('tg'), unique('tg-system')
+    helm_install(plane, release, system, '--set', 'webhook.enabled=false')
+    wait_established(plane)
+    kubeconfig = plane.kubeconfig_for(plane.token_for(system, f'{release}-trainguard'), f'operator-{release}')
+    log_path = tmp_path / 'operator.log'
+    started = time.monotonic()
+    operator = start_operator(plane, kubeconfig, log_path, '--standalone', TRAINGUARD_WEBHOOK='on',
+                              TRAINGUARD_WEBHOOK_HOST='127.0.0.1', TRAINGUARD_WEBHOOK_PORT='19444')
+    try:
+        plane.wait_until('the refused registration in the log',
+                         lambda: 'could not register the admission webhook' in log_path.read_text(), timeout=60)
+        await asyncio.sleep(max(0.0, 120 - (time.monotonic() - started)))
+        assert operator.poll() is None, log_path.read_text()[-3000:]
+        created = create(plane, tiny('cpu-run.yaml'), namespace, tmp_path)
+        assert created['spec']['hyperparameters']['batchSize'] == 32   # admitted as written
+        run = await _wait_phase(plane, 'unet-cpu', namespace, ('Pending', 'Running'), 60)
+        assert run['spec']['hyperparameters']['batchSize'] == 4        # rewritten by the reconcile
+        assert not _webhook_registered(plane)
+    finally:
+        stop_operator(operator)
+        remove_webhook_configuration(plane)
+        plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
+        helm_uninstall(plane, release, system)
