@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.trainer.processes import start_in_group, stop_group
 from trainguard_trainer.cli import parse_config
 
 
@@ -59,7 +60,7 @@ def test_hang_switch_blocks_the_loop_and_stops_the_heartbeat(tmp_path):
     log = tmp_path / 'log.txt'
     beats = 'heartbeat (no run configured)'
     with log.open('w') as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        process = start_in_group(command, output)
         try:
             at_hang = _wait_for_log(log, process, lambda text: 'simulating a hang' in text, 'the hang')
             assert 'simulating a hang after 2 steps' in at_hang
@@ -73,8 +74,7 @@ def test_hang_switch_blocks_the_loop_and_stops_the_heartbeat(tmp_path):
             assert process.poll() is None          # still alive: hung, not finished
             assert after.count(beats) == 2        # and silent: no beat since the hang
         finally:
-            process.kill()
-            process.wait()
+            stop_group(process)
 
 
 def test_a_gpu_run_without_usable_cuda_exits_4_at_once_saying_why(tmp_path):

@@ -4,20 +4,18 @@ frozen peer that ends the other rank through the collective timeout instead of b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from tests.trainer.conftest import replace
+from tests.trainer.processes import start_in_group, stop_group
 from trainguard_trainer.train import CHECKPOINT, train
 
 pytestmark = pytest.mark.timeout(180)
@@ -38,19 +36,8 @@ def launch(rank: int, port: int, folder: pathlib.Path, *args: str) -> subprocess
     env = {**os.environ, 'PET_NNODES': '2', 'PET_NPROC_PER_NODE': '1', 'PET_NODE_RANK': str(rank),
            'PET_MASTER_ADDR': '127.0.0.1', 'PET_MASTER_PORT': str(port), 'PET_MAX_RESTARTS': '0'}
     log = (folder / f'rank{rank}.log').open('wb')
-    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--module', 'trainguard_trainer',
-                             *TINY_ARGS, '--output-dir', str(folder / f'out{rank}'), *args],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_tree(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for child in psutil.Process(process.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(10)
+    return start_in_group([sys.executable, '-m', 'torch.distributed.run', '--module', 'trainguard_trainer',
+                           *TINY_ARGS, '--output-dir', str(folder / f'out{rank}'), *args], log, env=env)
 
 
 def beats(log: str) -> list[dict]:
@@ -69,7 +56,7 @@ def test_two_ranks_train_one_model_and_resume_from_rank_0s_checkpoint(tiny, tmp_
     finally:
         for process in ranks:
             if process.poll() is None:
-                stop_tree(process)
+                stop_group(process)
     logs = [(tmp_path / f'rank{rank}.log').read_text() for rank in (0, 1)]
     assert codes == [0, 0], logs
     for rank, log in enumerate(logs):
@@ -99,7 +86,7 @@ def test_a_frozen_peer_ends_the_other_rank_by_the_collective_timeout(tmp_path):
     finally:
         for process in ranks:
             if process.poll() is None:
-                stop_tree(process)
+                stop_group(process)
     log = (tmp_path / 'rank0.log').read_text()
     assert code != 0, log
     assert 'timed out' in log.lower() or 'timeout' in log.lower(), log[-3000:]

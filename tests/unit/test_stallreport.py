@@ -26,7 +26,16 @@ DDP = 'hung in torch/autograd/graph.py:_engine_run_backward; rank 0 of 2, Distri
     (['torch/autograd/graph.py:829 _engine_run_backward'], [], 'hung in torch/autograd/graph.py', 'Unknown'),
     (['monai/transforms/io/array.py:280 LoadImage.__call__', 'nibabel/loadsave.py:100 load'], [], '', 'DataRead'),
     (['trainguard_trainer/train.py:132 _hang_forever', 'threading.py:327 wait'], [], '', 'Unknown'),
-], ids=['loader-wait', 'worker-died', 'collective', 'ddp-backward', 'single-process-backward', 'data-read', 'unknown'])
+    # A frozen worker process, as an older trainer reported it (issue 23): only multiprocessing
+    # plumbing in the innermost frames, the summary naming it, a worker alive.
+    (['python3.11/multiprocessing/resource_sharer.py:86 get_connection',
+      'python3.11/multiprocessing/connection.py:518 Client', 'python3.11/multiprocessing/connection.py:768 answer',
+      'python3.11/multiprocessing/connection.py:395 _recv'], ['DataLoader worker 0 (pid 42) is alive'],
+     'hung in python3.11/multiprocessing/resource_sharer.py:get_connection', 'DataLoaderWorkers'),
+    (['python3.11/multiprocessing/connection.py:395 _recv'], [], 'hung in multiprocessing/connection.py:_recv',
+     'Unknown'),   # plumbing without DataLoader workers: some other child process
+], ids=['loader-wait', 'worker-died', 'collective', 'ddp-backward', 'single-process-backward', 'data-read', 'unknown',
+        'frozen-worker-plumbing', 'plumbing-without-workers'])
 def test_classify(frames, workers, summary, kind):
     assert classify(frames, workers, summary) == kind
 

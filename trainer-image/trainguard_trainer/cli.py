@@ -88,7 +88,9 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ('--simulate-hang-after-steps', _bounded_int(1, 10**9), None,
      'demo/test switch: block the training loop forever after N steps'),
     ('--simulate-worker-block-after-items', _bounded_int(1, 10**9), None,
-     'test switch: a DataLoader worker process blocks forever after N samples'),
+     'test switch: a DataLoader worker process fails after N samples (how: --simulate-worker-fault)'),
+    ('--simulate-worker-fault', None, 'block',
+     'test switch: block (waits in Python), stop (SIGSTOP: the process freezes) or kill (SIGKILL)'),
     ('--stall-report-seconds', _non_negative_float, 0.0,
      'watchdog: write a stall report after this long without a step (0: off)'),
     ('--startup-report-seconds', _non_negative_float, 0.0,
@@ -98,7 +100,7 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
      'distributed runs: a collective that waits longer on a dead or frozen peer ends the process'),
 ]
 CHOICES = {'--device': ('auto', 'cpu', 'gpu', 'cuda'), '--dataset': ('synthetic', 'directory'),
-           '--data-path': ('auto', 'cache', 'stream')}
+           '--data-path': ('auto', 'cache', 'stream'), '--simulate-worker-fault': ('block', 'stop', 'kill')}
 
 
 def env_name(flag: str) -> str:
@@ -134,6 +136,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
         system_log_seconds=args.system_log_seconds, data_path=args.data_path, run_name=args.run_name,
         run_namespace=args.run_namespace, simulate_hang_after_steps=args.simulate_hang_after_steps,
         simulate_worker_block_after_items=args.simulate_worker_block_after_items,
+        simulate_worker_fault=args.simulate_worker_fault,
         stall_report_seconds=args.stall_report_seconds, startup_report_seconds=args.startup_report_seconds,
         attempt=args.attempt, collective_timeout_seconds=args.collective_timeout_seconds,
     )

@@ -89,24 +89,29 @@ def random_steps(resolution: int, crop_size: int, train: bool) -> list[Any]:
 
 
 def transforms(resolution: int, crop_size: int, from_files: bool, train: bool,
-               block_worker_after: int | None = None) -> Compose:
+               block_worker_after: int | None = None, worker_fault: str = 'block') -> Compose:
     """The streaming pipeline: every step for every sample, every epoch."""
-    extra = [Lambdad(keys='image', func=_WorkerBlocker(block_worker_after))] if block_worker_after else []
+    extra = ([Lambdad(keys='image', func=_WorkerFault(block_worker_after, worker_fault))]
+             if block_worker_after else [])
     return Compose([*deterministic_steps(resolution, from_files), *random_steps(resolution, crop_size, train),
                     *extra, EnsureTyped(keys=KEYS, track_meta=False)])
 
 
-class _WorkerBlocker:
-    """Test switch: inside a DataLoader worker process, block forever after N samples.
+class _WorkerFault:
+    """Test switch: inside a DataLoader worker process, fail after N samples.
 
-    A worker that blocks (an NFS read that never returns, a deadlock after fork) leaves the
-    main process waiting for its batch: the hang the stall report has to explain.
+    ``block``: the worker waits forever in Python (an NFS read that never returns, a deadlock
+    after fork). ``stop``: the whole process freezes (SIGSTOP), as in the incident this project
+    comes from; the main process may then wait inside multiprocessing's resource sharer for a
+    batch the worker already sent. ``kill``: the process dies (SIGKILL, the OOM killer's way).
     """
 
-    def __init__(self, after: int) -> None:
-        self.after, self.seen = after, 0
+    def __init__(self, after: int, fault: str = 'block') -> None:
+        self.after, self.fault, self.seen = after, fault, 0
 
     def __call__(self, image: Any) -> Any:
+        import os
+        import signal
         import threading
 
         import torch.utils.data
@@ -114,6 +119,10 @@ class _WorkerBlocker:
         if torch.utils.data.get_worker_info() is not None:
             self.seen += 1
             if self.seen > self.after:
+                if self.fault == 'stop':
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                elif self.fault == 'kill':
+                    os.kill(os.getpid(), signal.SIGKILL)
                 threading.Event().wait()
         return image
 

@@ -78,7 +78,8 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str,
     drop_last = -(-len(train_items) // cluster.world_size) > config.batch_size  # this rank's share
     if path == 'stream':
         train_set = Dataset(train_items, data.transforms(config.resolution, config.crop_size, from_files, train=True,
-                                                         block_worker_after=config.simulate_worker_block_after_items))
+                                                         block_worker_after=config.simulate_worker_block_after_items,
+                                                         worker_fault=config.simulate_worker_fault))
         val_set = Dataset(val_items, data.transforms(config.resolution, config.crop_size, from_files, train=False))
         pin = device == 'cuda'  # page-locked batches let the host-to-GPU copy overlap the step
         train_sampler, val_sampler = _samplers(cluster, train_set, val_set, config.seed)

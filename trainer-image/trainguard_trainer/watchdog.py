@@ -43,10 +43,6 @@ def describe_worker(index: int, worker: WorkerState) -> str:
     return f'DataLoader worker {index} (pid {worker.pid}) exited with {worker.exitcode}'
 
 
-def _innermost(frames: traceback.StackSummary, count: int) -> list[str]:
-    return [f'{_short(frame.filename)}:{frame.lineno} {frame.name}' for frame in list(frames)[-count:]]
-
-
 def _short(filename: str) -> str:
     """site-packages/torch/utils/data/dataloader.py -> torch/utils/data/dataloader.py."""
     parts = pathlib.PurePath(filename).parts
@@ -56,17 +52,43 @@ def _short(filename: str) -> str:
     return '/'.join(parts[-3:])
 
 
-# Where every blocked thread ends up: naming these says nothing about *why* it waits.
-_WAIT_PRIMITIVES = ('threading.py', 'queue.py', 'selectors.py', 'socket.py', 'multiprocessing/connection.py',
-                    'multiprocessing/queues.py', 'multiprocessing/synchronize.py', 'subprocess.py')
+# Where every blocked thread ends up: naming these says nothing about *why* it waits. That
+# includes all of multiprocessing's plumbing: a batch from a DataLoader worker arrives as
+# shared-memory handles, received through the worker's resource sharer
+# (multiprocessing/resource_sharer.py, reduction.py, torch/multiprocessing/reductions.py);
+# a worker process that is frozen leaves the main thread waiting there.
+_WAIT_PRIMITIVES = ('threading.py', 'queue.py', 'selectors.py', 'socket.py', 'subprocess.py')
+_PLUMBING_PACKAGES = ('/multiprocessing/', 'torch/multiprocessing/')
+
+
+def _is_plumbing(filename: str) -> bool:
+    path = pathlib.PurePath(filename).as_posix()
+    return path.endswith(_WAIT_PRIMITIVES) or any(package in path for package in _PLUMBING_PACKAGES)
+
+
+def _chosen_frame(frames: list[traceback.FrameSummary]) -> traceback.FrameSummary:
+    """The innermost frame of the main thread that is not a generic wait or multiprocessing plumbing."""
+    return next((frame for frame in reversed(frames) if not _is_plumbing(frame.filename)), frames[-1])
+
+
+def _describe(frame: traceback.FrameSummary) -> str:
+    return f'{_short(frame.filename)}:{frame.lineno} {frame.name}'
 
 
 def _hung_in(stack: traceback.StackSummary) -> str:
-    """The innermost frame of the main thread that is not a generic wait (queue, lock, select)."""
-    frames = list(stack)
-    chosen = next((frame for frame in reversed(frames) if not frame.filename.endswith(_WAIT_PRIMITIVES)),
-                  frames[-1])
+    chosen = _chosen_frame(list(stack))
     return f'{_short(chosen.filename)}:{chosen.name}'
+
+
+def summary_frames(stack: traceback.StackSummary, count: int = 6) -> list[str]:
+    """The innermost frames, always including the one the summary names (the operator
+    classifies the hang by these frames, and plumbing alone says nothing)."""
+    frames = list(stack)
+    innermost = frames[-count:]
+    chosen = _chosen_frame(frames)
+    if any(frame is chosen for frame in innermost):
+        return [_describe(frame) for frame in innermost]
+    return [_describe(chosen), '...', *(_describe(frame) for frame in innermost[-(count - 2):])]
 
 
 def build_report(main_thread_id: int, workers: list[WorkerState], silent_seconds: float,
@@ -86,7 +108,7 @@ def build_report(main_thread_id: int, workers: list[WorkerState], silent_seconds
         lines.append(''.join(traceback.format_stack(frame)).rstrip())
     lines += [describe_worker(index, worker) for index, worker in enumerate(workers)]
     lines.append(f'rss {process.memory_info().rss / 2**20:.0f} MiB, open files {len(process.open_files())}')
-    innermost = _innermost(main, 6) if main else []
+    innermost = summary_frames(main) if main else []
     first = f'hung in {_hung_in(main) if main else "?"}'
     dead = [describe_worker(index, worker) for index, worker in enumerate(workers) if not worker.alive]
     if dead:

@@ -44,11 +44,16 @@ def _lines(value: Any) -> tuple[str, ...]:
 
 
 def classify(frames: Sequence[str], workers: Sequence[str], summary: str = '') -> str:
-    """Where the main thread waits, by the frames it waits in (and, in a distributed run, the
-    trainer's note that every step waits for all ranks: DDP's gradient all-reduce runs inside
-    autograd, so no torch.distributed frame shows)."""
+    """Where the main thread waits: by the frames it waits in (the trainer puts the frame its
+    summary names first, so a DataLoader frame outside the innermost few still shows), its
+    DataLoader workers, and, in a distributed run, the trainer's note that every step waits for
+    all ranks (DDP's gradient all-reduce runs inside autograd, so no torch.distributed frame shows)."""
     text = ' '.join(frames).lower()
     if any('exited with' in worker for worker in workers) or 'torch/utils/data/' in text:
+        return 'DataLoaderWorkers'
+    # Waiting in multiprocessing's plumbing (a batch's shared-memory handles come through the
+    # worker's resource sharer) while the run has DataLoader workers: a frozen worker process.
+    if workers and frames and 'multiprocessing/' in frames[0].lower():
         return 'DataLoaderWorkers'
     if 'torch/distributed/' in text or 'DistributedDataParallel' in summary:
         return 'Collective'
