@@ -186,12 +186,10 @@ class Registration:
         self._on_failure = on_failure
         self._on_retry = on_retry      # every failed attempt (a counter)
         self._task: asyncio.Task[None] | None = None
-        self.registered = asyncio.Event()
 
     def submit(self, client_config: dict[str, Any]) -> None:
         if self._task is not None:
             self._task.cancel()
-        self.registered.clear()
         webhooks = mutating_webhooks(client_config, group=GROUP, version=VERSION, plural=PLURAL)
         self._task = asyncio.get_running_loop().create_task(self._register(mutating_webhook_configuration(webhooks)))
 
@@ -213,7 +211,6 @@ class Registration:
                 continue
             if failures:
                 log.info('registered the admission webhook after %d failed attempts', failures)
-            self.registered.set()
             return
 
     async def close(self) -> None:

@@ -233,6 +233,21 @@ def _webhook_registered(plane: ControlPlane) -> bool:
                for hook in json.loads(result.stdout).get('webhooks') or [])
 
 
+def webhook_operator(plane: ControlPlane, folder: pathlib.Path, port: int,
+                     *chart_values: str) -> tuple[str, str, subprocess.Popen[bytes], pathlib.Path]:
+    """A release of the chart with these values, and the operator with the webhook on, running as
+    that release's ServiceAccount: (release, its namespace, the process, its log)."""
+    remove_webhook_configuration(plane)
+    release, system = unique('tg'), unique('tg-system')
+    helm_install(plane, release, system, *(arg for value in chart_values for arg in ('--set', value)))
+    wait_established(plane)
+    kubeconfig = plane.kubeconfig_for(plane.token_for(system, f'{release}-trainguard'), f'operator-{release}')
+    log_path = folder / 'operator.log'
+    operator = start_operator(plane, kubeconfig, log_path, '--standalone', TRAINGUARD_WEBHOOK='on',
+                              TRAINGUARD_WEBHOOK_HOST='127.0.0.1', TRAINGUARD_WEBHOOK_PORT=str(port))
+    return release, system, operator, log_path
+
+
 def tiny(name: str, **spec: Any) -> dict[str, Any]:
     body = yaml.safe_load((ROOT / 'manifests' / 'samples' / name).read_text())
     body['spec'].update({'model': {'channels': [8, 16], 'strides': [2], 'numResUnits': 0},
@@ -246,15 +261,9 @@ async def test_the_operator_as_its_service_account_trains_and_stops_a_hang(contr
     """Exactly the chart's RBAC with the webhook on; trainer processes as the kubelet would run
     them, each with its pod's token; still alive and reconciling five minutes after start."""
     plane = control_plane
-    remove_webhook_configuration(plane)
-    release, system = unique('tg'), unique('tg-system')
-    helm_install(plane, release, system, '--set', 'webhook.enabled=true', '--set', 'replicaCount=1')
-    wait_established(plane)
-    kubeconfig = plane.kubeconfig_for(plane.token_for(system, f'{release}-trainguard'), f'operator-{release}')
-    log_path = tmp_path / 'operator.log'
     started = time.monotonic()
-    operator = start_operator(plane, kubeconfig, log_path, '--standalone', TRAINGUARD_WEBHOOK='on',
-                              TRAINGUARD_WEBHOOK_HOST='127.0.0.1', TRAINGUARD_WEBHOOK_PORT='19443')
+    release, system, operator, log_path = webhook_operator(plane, tmp_path, 19443, 'webhook.enabled=true',
+                                                           'replicaCount=1')
 
     def pod_kubeconfig(pod: dict[str, Any]) -> pathlib.Path:
         token = plane.token_for(pod['metadata']['namespace'], pod['spec']['serviceAccountName'])
@@ -316,15 +325,8 @@ async def test_a_refused_webhook_configuration_never_stops_the_operator(control_
     and retried; the operator keeps reconciling past the minute after which kopf's own admission
     manager used to stop it."""
     plane = control_plane
-    remove_webhook_configuration(plane)
-    release, system = unique('tg'), unique('tg-system')
-    helm_install(plane, release, system, '--set', 'webhook.enabled=false')
-    wait_established(plane)
-    kubeconfig = plane.kubeconfig_for(plane.token_for(system, f'{release}-trainguard'), f'operator-{release}')
-    log_path = tmp_path / 'operator.log'
     started = time.monotonic()
-    operator = start_operator(plane, kubeconfig, log_path, '--standalone', TRAINGUARD_WEBHOOK='on',
-                              TRAINGUARD_WEBHOOK_HOST='127.0.0.1', TRAINGUARD_WEBHOOK_PORT='19444')
+    release, system, operator, log_path = webhook_operator(plane, tmp_path, 19444, 'webhook.enabled=false')
     try:
         plane.wait_until('the refused registration in the log',
                          lambda: 'could not register the admission webhook' in log_path.read_text(), timeout=60)
