@@ -221,7 +221,7 @@ def test_two_replicas_agree_through_the_peering_the_chart_installs(control_plane
         helm_uninstall(plane, release, system)
     for log in tmp_path.glob('operator-*.log'):
         text = log.read_text()
-        assert 'Forbidden' not in text and '403' not in text, text[-3000:]
+        assert 'Forbidden' not in text, text[-3000:]   # kopf and the client both name a 403 so
 
 
 def _webhook_registered(plane: ControlPlane) -> bool:
@@ -315,7 +315,7 @@ async def test_the_operator_as_its_service_account_trains_and_stops_a_hang(contr
         plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
         helm_uninstall(plane, release, system)
     text = log_path.read_text()
-    assert '403' not in text and 'Forbidden' not in text, text[-3000:]
+    assert 'Forbidden' not in text, text[-3000:]   # kopf and the client both name a 403 so
 
 
 async def test_a_refused_webhook_configuration_never_stops_the_operator(control_plane: ControlPlane, crd_absent,

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.crd_schema import ROOT, load_crd
+from trainguard.domain.admission import CONFIGURATION_NAME
 
 CHART = ROOT / 'charts' / 'trainguard'
 BIN = pathlib.Path(sys.executable).parent
@@ -160,6 +161,15 @@ def test_feature_rules_only_when_the_feature_is_on():
     assert ('kopf.dev', 'clusterkopfpeerings', 'patch') in operator_rules(render(CHART / 'ci' / 'replicas-values.yaml'))
     assert ('admissionregistration.k8s.io', 'mutatingwebhookconfigurations', 'patch') in operator_rules(
         render(CHART / 'ci' / 'webhook-values.yaml'))
+    # Exactly what the operator's own registration needs (trainguard.webhook.Registration):
+    role = next(r for r in by_kind(render(CHART / 'ci' / 'webhook-values.yaml'), 'ClusterRole')
+                if r['metadata']['name'] == 'tg-trainguard')
+    admission = [rule for rule in role['rules'] if rule['apiGroups'] == ['admissionregistration.k8s.io']]
+    assert admission == [
+        {'apiGroups': ['admissionregistration.k8s.io'], 'resources': ['mutatingwebhookconfigurations'],
+         'verbs': ['create']},
+        {'apiGroups': ['admissionregistration.k8s.io'], 'resources': ['mutatingwebhookconfigurations'],
+         'resourceNames': [CONFIGURATION_NAME], 'verbs': ['patch']}]
 
 
 def _rules(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
