@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from trainguard.domain import builders
-from trainguard.domain.gang import Gang, PodAbsence, PodView, summarize
+from trainguard.domain.gang import Gang, GangSummary, PodAbsence, PodView, summarize
 from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat
 from trainguard.domain.pods import PodState
 from trainguard.domain.policy import CpuLimits, effective_device, plan_rewrite
@@ -134,65 +134,136 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
     current_pod = target.get('podName') or status.get('podName') or builders.pod_name(ref.name, attempts)
     gang = pod if isinstance(pod, Gang) else Gang(((current_pod, pod),))
     summary = summarize(gang)
-    pod = summary.state
     target['nodes'] = summary.nodes
-    if in_grace and isinstance(pod, PodState) and pod.phase == 'Pending' and pod.reason == 'PodPending':
+    if in_grace and isinstance(summary.state, PodState) and summary.state.phase == 'Pending' \
+            and summary.state.reason == 'PodPending':
         return Plan()  # nothing worth a write yet: the pod is on its way
     where = f'pod {current_pod}' if summary.total == 1 else f'{summary.total} pods ({current_pod} is rank 0)'
-    if pod is PodAbsence.GONE:
-        _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
-                      'PodDeleted', f'trainer pod {current_pod} was deleted', now, status)
-        return _conclude(plan, status, target, now)
-    beat = parse_heartbeat(annotations.get(PROGRESS_ANNOTATION))
-    if isinstance(pod, PodState):
-        if pod.phase == 'Succeeded':
-            # The last beat (epoch end) and the pod's exit can arrive together: mirror it too.
-            _mirror(target, status, beat, now)
-            _finish(target, 'Succeeded', 'Succeeded', f'training finished in {where}', now, spec)
-            return _conclude(plan, status, target, now)
-        if pod.phase == 'Failed':
-            plan.delete_pods += summary.live  # never a half-gang left holding nodes
-            _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
-                          pod.reason, pod.message, now, status)
-            return _conclude(plan, status, target, now)
-        if pod.phase == 'Running':
-            target.update(phase='Running', reason='Training', message=f'training in {where}')
-            if not status.get('attemptStartTime'):
-                target['attemptStartTime'] = format_time(now)
-            if not status.get('startTime'):
-                target['startTime'] = format_time(now)
-        elif pod.reason != 'PodPending' or target.get('phase', status.get('phase')) != 'Pending':
-            # A plain "pending" says less than PodCreated or Retrying, so it does not replace them.
-            target.update(phase='Pending', reason=pod.reason, message=pod.message)
-        if pod.phase == 'Pending':
-            verdict = judge_gang_start({**status, **target}, now, startup_timeout=spec.startup_timeout_seconds)
-            if isinstance(verdict, Stalled):  # an unschedulable member: free the nodes the others hold
-                plan.stalled = verdict.reason
-                plan.delete_pods += summary.live
-                _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
-                              verdict.reason, f'{verdict.message}; {pod.message}', now, status)
-                return _conclude(plan, status, target, now)
-
-    running = target.get('phase', status.get('phase')) == 'Running'
-    if isinstance(beat, str):
-        plan.heartbeat_problem = beat
-    elif running:
-        _mirror(target, status, beat, now)
-
-    if running:
-        verdict = judge_stall({**status, **target}, now, progress_timeout=spec.progress_timeout_seconds,
-                              startup_timeout=spec.startup_timeout_seconds)
-        if isinstance(verdict, Stalled):
-            plan.stalled = verdict.reason
-            plan.delete_pods += summary.live  # the hung processes die with their pods, every rank's
-            message = verdict.message
-            report = parse_stall_report(annotations.get(STALL_ANNOTATION), attempts)
-            if report is not None:  # where it hung, from the trainer's watchdog
-                message = f'{message}; {report.summary}'
-                target['stallReport'] = report.to_status()
-            _fail_attempt(plan, target, ref, spec, hp, attempts, settings, annotations,
-                          verdict.reason, message, now, status)
+    attempt = _Attempt(plan, target, status, ref, spec, hp, attempts, settings, annotations, now, summary,
+                       current_pod, where, parse_heartbeat(annotations.get(PROGRESS_ANNOTATION)))
+    for situation in SITUATIONS:
+        if situation(attempt):
+            break
     return _conclude(plan, status, target, now)
+
+
+@dataclasses.dataclass
+class _Attempt:
+    """The current attempt as observed, and the plan and status being built for it."""
+
+    plan: Plan
+    target: dict[str, Any]
+    status: Mapping[str, Any]
+    ref: builders.RunRef
+    spec: RunSpec
+    hp: Hyperparameters
+    number: int
+    settings: Settings
+    annotations: Mapping[str, str]
+    now: datetime.datetime
+    summary: GangSummary
+    pod_name: str          # rank 0's
+    where: str             # "pod x" or "2 pods (x is rank 0)", for messages
+    beat: Heartbeat | str | None
+
+    @property
+    def state(self) -> PodView:
+        return self.summary.state
+
+    @property
+    def phase(self) -> str | None:
+        return self.target.get('phase', self.status.get('phase'))
+
+    def fail(self, reason: str, message: str) -> None:
+        """End the attempt: retried within backoffLimit, else the run fails."""
+        _fail_attempt(self.plan, self.target, self.ref, self.spec, self.hp, self.number, self.settings,
+                      self.annotations, reason, message, self.now, self.status)
+
+
+# One function per situation of a started attempt, in order; each returns True when it
+# concluded the reconcile (no later situation applies). A new situation is one more entry.
+
+def _pods_gone(attempt: _Attempt) -> bool:
+    if attempt.state is not PodAbsence.GONE:
+        return False
+    attempt.fail('PodDeleted', f'trainer pod {attempt.pod_name} was deleted')
+    return True
+
+
+def _succeeded(attempt: _Attempt) -> bool:
+    if not (isinstance(attempt.state, PodState) and attempt.state.phase == 'Succeeded'):
+        return False
+    # The last beat (epoch end) and the pod's exit can arrive together: mirror it too.
+    _mirror(attempt.target, attempt.status, attempt.beat, attempt.now)
+    _finish(attempt.target, 'Succeeded', 'Succeeded', f'training finished in {attempt.where}', attempt.now,
+            attempt.spec)
+    return True
+
+
+def _failed(attempt: _Attempt) -> bool:
+    state = attempt.state
+    if not (isinstance(state, PodState) and state.phase == 'Failed'):
+        return False
+    attempt.plan.delete_pods += attempt.summary.live  # never a half-gang left holding nodes
+    attempt.fail(state.reason, state.message)
+    return True
+
+
+def _starting_or_running(attempt: _Attempt) -> bool:
+    """Phase and reason from the pods; a gang not fully running in time is stopped."""
+    state, target, status = attempt.state, attempt.target, attempt.status
+    if not isinstance(state, PodState):
+        return False
+    if state.phase == 'Running':
+        target.update(phase='Running', reason='Training', message=f'training in {attempt.where}')
+        if not status.get('attemptStartTime'):
+            target['attemptStartTime'] = format_time(attempt.now)
+        if not status.get('startTime'):
+            target['startTime'] = format_time(attempt.now)
+        return False
+    if state.reason != 'PodPending' or attempt.phase != 'Pending':
+        # A plain "pending" says less than PodCreated or Retrying, so it does not replace them.
+        target.update(phase='Pending', reason=state.reason, message=state.message)
+    verdict = judge_gang_start({**status, **target}, attempt.now, startup_timeout=attempt.spec.startup_timeout_seconds)
+    if not isinstance(verdict, Stalled):
+        return False
+    attempt.plan.stalled = verdict.reason  # an unschedulable member: free the nodes the others hold
+    attempt.plan.delete_pods += attempt.summary.live
+    attempt.fail(verdict.reason, f'{verdict.message}; {state.message}')
+    return True
+
+
+def _heartbeat(attempt: _Attempt) -> bool:
+    """Mirror a new beat while running; a malformed one is reported, never applied."""
+    if isinstance(attempt.beat, str):
+        attempt.plan.heartbeat_problem = attempt.beat
+    elif attempt.phase == 'Running':
+        _mirror(attempt.target, attempt.status, attempt.beat, attempt.now)
+    return False
+
+
+def _stalled(attempt: _Attempt) -> bool:
+    """A running attempt silent past its timeout: every rank's pod deleted, retried or failed."""
+    if attempt.phase != 'Running':
+        return False
+    verdict = judge_stall({**attempt.status, **attempt.target}, attempt.now,
+                          progress_timeout=attempt.spec.progress_timeout_seconds,
+                          startup_timeout=attempt.spec.startup_timeout_seconds)
+    if not isinstance(verdict, Stalled):
+        return False
+    attempt.plan.stalled = verdict.reason
+    attempt.plan.delete_pods += attempt.summary.live  # the hung processes die with their pods, every rank's
+    message = verdict.message
+    report = parse_stall_report(attempt.annotations.get(STALL_ANNOTATION), attempt.number)
+    if report is not None:  # where it hung, from the trainer's watchdog
+        message = f'{message}; {report.summary}'
+        attempt.target['stallReport'] = report.to_status()
+    attempt.fail(verdict.reason, message)
+    return True
+
+
+SITUATIONS: tuple[Callable[[_Attempt], bool], ...] = (
+    _pods_gone, _succeeded, _failed, _starting_or_running, _heartbeat, _stalled)
 
 
 def _observed(pod: PodView | Gang) -> bool:
