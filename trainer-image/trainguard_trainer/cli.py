@@ -61,6 +61,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 EXIT_DATASET = 3
 EXIT_GPU_UNAVAILABLE = 4  # the operator maps it to Failed/GPUUnavailable (trainguard.domain.pods), no retry
 EXIT_GPU_OUT_OF_MEMORY = 5  # ... to GPUOutOfMemory, retried with half the batch
+EXIT_STOPPED = 6  # stopped on SIGTERM after a checkpoint (a drain, a preemption, a suspend): not a failure
 
 # (flag, type, default, help); the environment variable is TRAINGUARD_ + the flag in upper snake case.
 OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
@@ -98,6 +99,8 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ('--attempt', _bounded_int(0, 1000), 0, 'attempt number set by the operator'),
     ('--collective-timeout-seconds', _positive_float, 600.0,
      'distributed runs: a collective that waits longer on a dead or frozen peer ends the process'),
+    ('--checkpoint-interval-seconds', _non_negative_float, 600.0,
+     'a mid-epoch checkpoint at most this often, bounding what a SIGKILL costs (0: at epoch ends only)'),
 ]
 CHOICES = {'--device': ('auto', 'cpu', 'gpu', 'cuda'), '--dataset': ('synthetic', 'directory'),
            '--data-path': ('auto', 'cache', 'stream'), '--simulate-worker-fault': ('block', 'stop', 'kill')}
@@ -139,6 +142,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
         simulate_worker_fault=args.simulate_worker_fault,
         stall_report_seconds=args.stall_report_seconds, startup_report_seconds=args.startup_report_seconds,
         attempt=args.attempt, collective_timeout_seconds=args.collective_timeout_seconds,
+        checkpoint_interval_seconds=args.checkpoint_interval_seconds,
     )
 
 
@@ -150,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed_matplotlib_cache(os.environ)  # before MONAI's import pulls in matplotlib
     from trainguard_trainer.data import DatasetError
     from trainguard_trainer.guards import GpuOutOfMemory, GpuUnavailable
+    from trainguard_trainer.stopping import Stopped
     from trainguard_trainer.train import train  # imported after parsing: --help and bad flags stay fast
 
     try:
@@ -165,4 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GpuOutOfMemory as error:
         logging.getLogger('trainguard_trainer').error('%s', error)
         return EXIT_GPU_OUT_OF_MEMORY
+    except Stopped as stopped:
+        logging.getLogger('trainguard_trainer').info('%s', stopped)
+        return EXIT_STOPPED
     return 0

@@ -32,6 +32,7 @@ class TrainerConfig:
     startup_report_seconds: float = 0.0  # ... before the first step; 0: off
     attempt: int = 0                     # the operator's attempt number, echoed in the stall report
     collective_timeout_seconds: float = 600.0  # distributed: a collective waiting longer on a peer fails
+    checkpoint_interval_seconds: float = 600.0  # a mid-epoch checkpoint at most this often; 0: epoch ends only
     simulate_worker_block_after_items: int | None = None  # test switch: a DataLoader worker fails after N items
     simulate_worker_fault: str = 'block'                   # ... by blocking, SIGSTOP (frozen) or SIGKILL
     run_name: str = ''                   # empty: local use, heartbeats are only logged

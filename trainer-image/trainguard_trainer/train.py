@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler, ThreadDataLoader
+from monai.data.utils import set_rnd
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
@@ -30,6 +31,7 @@ from trainguard_trainer.heartbeat import (
     log_only,
     log_stall_only,
 )
+from trainguard_trainer.stopping import Action, StopControl, Stopped
 from trainguard_trainer.watchdog import Watchdog, loader_workers
 
 log = logging.getLogger('trainguard_trainer')
@@ -97,6 +99,17 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str,
     return (ThreadDataLoader(train_set, batch_size=config.batch_size, shuffle=train_sampler is None,
                              sampler=train_sampler, num_workers=0, generator=generator, drop_last=drop_last),
             ThreadDataLoader(val_set, batch_size=config.batch_size, sampler=val_sampler, num_workers=0))
+
+
+def _seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
+    """Every random stream of an epoch from (seed, epoch, rank) alone: the shuffle, DataLoader
+    workers' seeds, the random crops. A resumed attempt then draws exactly what an uninterrupted
+    one would from the step it stopped at, and a 1-node and an N-node run agree per epoch."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 100_003 + epoch)
+    set_rnd(loader.dataset, seed * 100_003 + epoch * 101 + rank)
 
 
 def _system_line(stop: threading.Event, seconds: float) -> None:
@@ -223,7 +236,7 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
     loss_function = DiceLoss(sigmoid=True)
 
     history: list[dict[str, float]] = []
-    start_epoch = 1
+    start_epoch, resume_step, carried = 1, 0, (0.0, 0.0)
     checkpoint_path = config.output_dir / CHECKPOINT
     # Only rank 0 has the output volume: it reads the checkpoint and every rank resumes from it.
     state = None
@@ -234,8 +247,16 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
     if state is not None:
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
-        history, start_epoch = state['history'], state['epoch'] + 1
-        log.info('resuming from %s: epoch %d of %d done', checkpoint_path, state['epoch'], config.epochs)
+        history = state['history']
+        if state.get('step'):  # stopped mid-epoch: redo none of its finished steps
+            start_epoch, resume_step = state['epoch'], int(state['step'])
+            if cluster.main:  # the epoch's sums so far, over every rank, carried by rank 0 alone
+                carried = (float(state['epochSeen']), float(state['epochLossSum']))
+            log.info('resuming from %s: epoch %d of %d, step %d done', checkpoint_path, state['epoch'],
+                     config.epochs, resume_step)
+        else:
+            start_epoch = state['epoch'] + 1
+            log.info('resuming from %s: epoch %d of %d done', checkpoint_path, state['epoch'], config.epochs)
     # DistributedDataParallel averages gradients over the ranks in backward(); the checkpoint
     # keeps the bare model's weights, so 1-node and N-node runs resume from each other.
     network: torch.nn.Module = model
@@ -243,6 +264,19 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
         network = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[cluster.local_rank] if decision.device == 'cuda' else None)
 
+    def save(epoch: int, step: int, seen: float = 0.0, loss_sum: float = 0.0) -> None:
+        """Rank 0 writes; ``step`` 0 means the epoch is complete. A collective: every rank calls it."""
+        seen, loss_sum = distributed.all_sum(cluster, [seen, loss_sum], decision.device)
+        if cluster.main:
+            config.output_dir.mkdir(parents=True, exist_ok=True)
+            partial = checkpoint_path.with_suffix('.partial')
+            torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+                        'step': step, 'epochSeen': seen, 'epochLossSum': loss_sum, 'history': history}, partial)
+            partial.replace(checkpoint_path)  # a SIGKILL mid-write leaves the previous checkpoint whole
+        control.saved()
+
+    control = StopControl(cluster, decision.device, config.checkpoint_interval_seconds, clock)
+    control.install()
     stop_system_log = threading.Event()
     threading.Thread(target=_system_line, args=(stop_system_log, config.system_log_seconds), daemon=True).start()
     watchdog.start()
@@ -250,11 +284,14 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
     total_steps = 0
     try:
         for epoch in range(start_epoch, config.epochs + 1):
+            skip = resume_step if epoch == start_epoch else 0
+            before = carried if skip else (0.0, 0.0)
             epoch_start, seen, loss_sum = clock(), 0, 0.0
-            if isinstance(train_loader.sampler, DistributedSampler):
-                train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+            _seed_epoch(train_loader, config.seed, epoch, cluster.rank)
             running['iterator'] = iterator = iter(train_loader)
             for step, batch in enumerate(iterator, start=1):
+                if step <= skip:
+                    continue  # done before the stop: drawn, not trained, so every random stream is where it was
                 images = batch['image'].to(decision.device, non_blocking=True)
                 labels = batch['label'].to(decision.device, non_blocking=True)
                 optimizer.zero_grad()
@@ -274,31 +311,37 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
                     eta = remaining * (clock() - epoch_start) / step
                     log.info('epoch %d/%d step %d/%d loss %.4f %.1f samples/s ETA %.0fs', epoch, config.epochs,
                              step, steps_per_epoch, loss_value, rate, eta)
+                action = control.decide()
+                if action is not Action.CONTINUE:
+                    save(epoch, step, seen + before[0], loss_sum + before[1])
+                    if action is Action.STOP:
+                        raise Stopped(epoch, step)
                 # In a gang only the last rank freezes: the case where one rank blocks the others.
                 if (config.simulate_hang_after_steps is not None and cluster.last
                         and total_steps >= config.simulate_hang_after_steps):
                     _hang_forever(total_steps)
             seconds = clock() - epoch_start
-            seen, loss_sum = distributed.all_sum(cluster, [seen, loss_sum], decision.device)
+            seen, loss_sum = distributed.all_sum(cluster, [seen + before[0], loss_sum + before[1]], decision.device)
             val_dice = _evaluate(model, val_loader, decision.device, cluster)
             row = {'epoch': epoch, 'train_loss': round(loss_sum / max(seen, 1), 6), 'val_dice': round(val_dice, 6),
                    'seconds': round(seconds, 3), 'samples_per_second': round(seen / max(seconds, 1e-9), 3)}
             history.append(row)
             log.info('epoch %d/%d done: train loss %.4f, validation Dice %.4f, %.1fs', epoch, config.epochs,
                      row['train_loss'], val_dice, seconds)
+            save(epoch, 0)
             if cluster.main:
-                config.output_dir.mkdir(parents=True, exist_ok=True)
-                torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-                            'history': history}, checkpoint_path)
                 _write_outputs(config, history)
             heartbeat.beat(epoch=epoch, epochs=config.epochs, step=steps_per_epoch, steps=steps_per_epoch,
                            loss=row['train_loss'], samples_per_second=row['samples_per_second'], force=True)
             watchdog.step()  # validation and checkpointing are not a stall
+            if epoch < config.epochs and control.decide() is Action.STOP:
+                raise Stopped(epoch, steps_per_epoch)
     except torch.cuda.OutOfMemoryError as error:  # a retry with half the batch can fit (exit code 5)
         first = str(error).strip().splitlines()[0] if str(error).strip() else 'CUDA out of memory'
         raise guards.GpuOutOfMemory(f'GPU out of memory at batch size {config.batch_size}: {first}') from error
     finally:
         stop_system_log.set()
         watchdog.stop()
+        control.uninstall()
     return Result(config.epochs - start_epoch + 1, start_epoch, history, heartbeat.sent, total_steps,
                   cluster.world_size)
