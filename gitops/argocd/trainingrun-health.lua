@@ -1,5 +1,6 @@
 -- Argo CD health check for trainguard.io/TrainingRun.
--- Pending/Running -> Progressing, Succeeded -> Healthy, Failed -> Degraded, with the run's message.
+-- Pending/Running -> Progressing, Suspended -> Suspended (spec.suspend, or Kueue),
+-- Succeeded -> Healthy, Failed -> Degraded, with the run's message.
 local hs = {}
 if obj.status == nil or obj.status.phase == nil then
   hs.status = "Progressing"
@@ -15,6 +16,8 @@ if phase == "Succeeded" then
   hs.status = "Healthy"
 elseif phase == "Failed" then
   hs.status = "Degraded"
+elseif phase == "Suspended" then
+  hs.status = "Suspended"
 elseif phase == "Pending" or phase == "Running" then
   hs.status = "Progressing"
   if obj.status.progress ~= nil and obj.status.progress.percent ~= nil then

@@ -113,9 +113,12 @@ class KubeApi:
                 return None
             raise
 
-    def delete_pod(self, namespace: str, name: str) -> bool:
+    def delete_pod(self, namespace: str, name: str, *, graceful: bool = False) -> bool:
+        """At once (a hung pod: nothing to save), or ``graceful``: with the pod's own grace period,
+        so the trainer gets SIGTERM, saves a checkpoint and exits before SIGKILL."""
         try:
-            self._call('DELETE', f'/api/v1/namespaces/{namespace}/pods/{name}', query=[('gracePeriodSeconds', 0)])
+            self._call('DELETE', f'/api/v1/namespaces/{namespace}/pods/{name}',
+                       query=[] if graceful else [('gracePeriodSeconds', 0)])
         except ApiException as error:
             if error.status == 404:
                 return False

@@ -22,7 +22,7 @@ from typing import Any
 from trainguard.domain import reconcile as machine
 from trainguard.domain.builders import RUN_LABEL, attempt_pod_names
 from trainguard.domain.config import Config
-from trainguard.domain.pods import PodState, observe_pod
+from trainguard.domain.pods import PodState, observe_deleted_pod, observe_pod
 from trainguard.domain.spec import MAX_NODES
 from trainguard.domain.stall import due_for_sweep
 from trainguard.kube import KubeApi
@@ -123,7 +123,10 @@ class Runtime:
         if not owner:
             return None
         pod_key = (metadata['namespace'], metadata['name'])
-        self.pods[pod_key] = machine.PodAbsence.GONE if event_type == 'DELETED' else observe_pod(pod)
+        if event_type == 'DELETED':   # a pod the cluster took is remembered as a disruption, not a deletion
+            self.pods[pod_key] = observe_deleted_pod(pod) or machine.PodAbsence.GONE
+        else:
+            self.pods[pod_key] = observe_pod(pod)
         return (metadata['namespace'], owner)
 
     # -- deciding and acting --------------------------------------------------------------
@@ -212,6 +215,11 @@ class Runtime:
         for doomed in plan.delete_pods:
             self.api.delete_pod(namespace, doomed)
             self.pods[(namespace, doomed)] = machine.PodAbsence.GONE
+        for stopping in plan.stop_pods:   # the watch shows them terminating, then gone
+            self.api.delete_pod(namespace, stopping, graceful=True)
+            view = self.pods.get((namespace, stopping))
+            if isinstance(view, PodState):   # asked once: not again before the watch says so
+                self.pods[(namespace, stopping)] = dataclasses.replace(view, terminating=True)
         if plan.spec_patch:
             self._remember(key, self.api.patch_run(namespace, name, plan.spec_patch))
         for child in plan.children:

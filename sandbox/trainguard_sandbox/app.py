@@ -99,6 +99,15 @@ class Sandbox:
                 raise RuntimeError(f'could not patch {name}: {body.get("message")}')
             return body
 
+    async def evict(self, pod: str, namespace: str = 'default') -> None:
+        """What `kubectl drain` does to each pod: the Eviction API (DisruptionTarget, graceful delete)."""
+        assert self.emulator is not None
+        async with self.emulator.post(f'/api/v1/namespaces/{namespace}/pods/{pod}/eviction', json={
+                'apiVersion': 'policy/v1', 'kind': 'Eviction', 'metadata': {'name': pod, 'namespace': namespace}},
+                ) as response:
+            if response.status >= 400:
+                raise RuntimeError(f'could not evict {pod}: {(await response.json()).get("message")}')
+
     async def get(self, path: str) -> dict[str, Any] | None:
         """Any object by its API path (e.g. a run's Service), None when absent."""
         assert self.emulator is not None

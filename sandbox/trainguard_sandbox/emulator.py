@@ -200,6 +200,35 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         return rbac.Attributes(verb='create', group=rbac.RBAC_GROUP, resource=plural, namespace=namespace or '',
                                name=name)
 
+    async def _serve_pod_subresource(self, request: rendering.Request) -> aiohttp.web.Response:
+        """``pods/binding`` (what the scheduler posts) and ``pods/eviction`` (a drain, Kueue, a user).
+
+        An eviction marks the pod ``DisruptionTarget=True`` (reason EvictionByEvictionAPI, as
+        1.28+ does) and deletes it with its grace period. PodDisruptionBudgets are not checked.
+        """
+        key = (kmock.resource('', 'v1', 'pods'), request.namespace, request.name)
+        body = request.data if isinstance(request.data, dict) else {}
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                raise _error(404, 'NotFound', f'pods "{request.name}" not found')
+            new = copy.deepcopy(self.objects[key].raw)
+            if request.subresource == 'binding':
+                new.setdefault('spec', {})['nodeName'] = (body.get('target') or {}).get('name', '')
+            else:
+                status = new.setdefault('status', {})
+                status['conditions'] = [condition for condition in status.get('conditions') or []
+                                        if condition.get('type') != 'DisruptionTarget'] + [{
+                    'type': 'DisruptionTarget', 'status': 'True', 'reason': 'EvictionByEvictionAPI',
+                    'message': 'Eviction API: evicting', 'lastTransitionTime': _now()}]
+            new['metadata']['resourceVersion'] = self._next_resource_version()
+            self.objects[key].history.append(new)
+            await self._publish(key[0], 'MODIFIED', new)
+            if request.subresource == 'eviction':
+                await self._delete(key[0], request.namespace, request.name,
+                                   (body.get('deleteOptions') or {}).get('gracePeriodSeconds'))
+        return aiohttp.web.json_response({'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success',
+                                          'code': 201}, status=201)
+
     async def _serve_token_request(self, request: rendering.Request) -> aiohttp.web.Response:
         """TokenRequest: ``POST .../serviceaccounts/<name>/token`` (what ``kubectl create token`` sends)."""
         serviceaccounts = kmock.resource('', 'v1', 'serviceaccounts')
@@ -224,6 +253,9 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             return await apps.RawHandler._handle(self, request)  # discovery and other paths: kmock's DSL
         if (request.resource.plural, request.subresource) == ('serviceaccounts', 'token') and request.name:
             return await self._serve_token_request(request)
+        if (request.resource.group, request.resource.plural) == ('', 'pods') and request.name \
+                and request.subresource in ('eviction', 'binding') and request.method == kmock.method.POST:
+            return await self._serve_pod_subresource(request)
         is_put = request.name is not None and request.method == kmock.method.PUT
         dry_run = request.params.get('dryRun') == 'All'
         if is_put or request.action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
@@ -240,7 +272,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
                 await self._create(request)
         elif request.name is not None and request.action == kmock.action.DELETE:
             async with self._lock:
-                await self._delete(request.resource, request.namespace, request.name)
+                await self._delete(request.resource, request.namespace, request.name, _grace(request))
         elif request.name is not None and (request.action == kmock.action.UPDATE or is_put):
             written = await self._update(request, dry_run=dry_run)
             if dry_run:
@@ -437,12 +469,26 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             new.pop('status', None)
         return new
 
-    async def _delete(self, resource: kmock.resource, namespace: str | None, name: str) -> None:
+    async def _delete(self, resource: kmock.resource, namespace: str | None, name: str,
+                      grace: int | None = None) -> None:
         key = (resource, namespace, name)
         if key not in self.objects or self.objects[key].deleted:
             raise kmock.KubernetesObjectNotFoundError()
         obj = self.objects[key].raw
         meta = obj.get('metadata', {})
+        if (resource.group, resource.plural) == ('', 'pods'):
+            grace = _pod_grace(obj, grace)
+            if meta.get('deletionTimestamp'):
+                if grace == 0 and not meta.get('finalizers'):
+                    await self._remove(key)   # the kubelet's last word: its processes are gone
+                return
+            if grace > 0:   # a running pod: the kubelet sends SIGTERM and removes it when it is done
+                new = copy.deepcopy(obj)
+                new['metadata'].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=grace,
+                                       resourceVersion=self._next_resource_version())
+                self.objects[key].history.append(new)
+                await self._publish(resource, 'MODIFIED', new)
+                return
         if meta.get('deletionTimestamp'):
             return
         if meta.get('finalizers'):
@@ -558,6 +604,29 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             result.append(logged)
         result.reverse()
         return result
+
+
+def _grace(request: rendering.Request) -> int | None:
+    """The delete's gracePeriodSeconds: the query parameter, else the DeleteOptions body; None: the default."""
+    raw = request.params.get('gracePeriodSeconds')
+    if raw is None and isinstance(request.data, dict):
+        raw = request.data.get('gracePeriodSeconds')
+    try:
+        return None if raw is None else max(0, int(raw))
+    except (TypeError, ValueError):
+        raise _error(400, 'BadRequest', f'gracePeriodSeconds must be an integer, got {raw!r}') from None
+
+
+def _pod_grace(pod: Mapping[str, Any], requested: int | None) -> int:
+    """kube-apiserver's rule: a pod no kubelet runs (not bound to a node) or one that has finished
+    is deleted at once; otherwise the requested grace, else the pod's terminationGracePeriodSeconds."""
+    spec, status = pod.get('spec') or {}, pod.get('status') or {}
+    if not spec.get('nodeName') or status.get('phase') in ('Succeeded', 'Failed'):
+        return 0
+    if requested is not None:
+        return requested
+    default = spec.get('terminationGracePeriodSeconds')
+    return default if isinstance(default, int) else 30
 
 
 def _http_verb(request: rendering.Request) -> str:

@@ -5,8 +5,11 @@ Development only. For each pod the operator creates, it starts
 ``python -m torch.distributed.run``) with the pod's args and env and a kubeconfig that points at
 the emulator, and reports the pod's life through the status subresource: Pending, then
 Running once the process started, then Succeeded or Failed by exit code (137 reported as
-OOMKilled would be a lie, so a kill is reported as Error with its code). When the pod is
-deleted, its process is killed, as the kubelet would. Each pod's output goes to
+OOMKilled would be a lie, so a kill is reported as Error with its code). It binds each pod
+to a node first, as the scheduler would, so a deletion is graceful as on a cluster: when the
+pod is marked for deletion, its main process gets SIGTERM, and SIGKILL (its whole tree) if it
+is still running after the deletion's grace period; then the pod object is removed. A pod
+deleted at once (grace 0) has its processes killed at once. Each pod's output goes to
 ``<workdir>/pods/<namespace>/<pod>.log``; volumes become folders under
 ``<workdir>/volumes``. As on a node, a pod *instance* is its UID, not its name: a claim keeps
 its folder across attempts (so a retry can resume), while an emptyDir is fresh for every pod
@@ -58,6 +61,7 @@ class PodInstance:
     uid: str
     pid: int
     killed: bool = False
+    exited: bool = False         # its process ended (by itself, e.g. after SIGTERM, or killed)
     tree: tuple[int, ...] = ()   # the processes killed with it (launcher workers run in their own sessions)
 
     @property
@@ -122,12 +126,13 @@ class LocalPodRunner:
         self.instances: list[PodInstance] = []  # every pod ever started, oldest first
         self._waiters: dict[str, asyncio.Task[None]] = {}
         self._master_ports: dict[tuple[str, ...], int] = {}  # (namespace, master address[, pod]) -> local port
+        self._terminating: dict[str, asyncio.Task[None]] = {}  # pod UID -> its graceful termination
 
     def instances_of(self, namespace: str, name: str) -> list[PodInstance]:
         return [instance for instance in self.instances if instance.key == (namespace, name)]
 
     async def wait_stopped(self, instances: list[PodInstance], timeout: float) -> float:
-        """Wait until each instance was killed for its pod's deletion and its process group is gone.
+        """Wait until each instance was stopped (killed, or exited after SIGTERM) and its process group is gone.
 
         The runner notices a deletion at its next poll, so a check made when the run turns
         Failed can come a moment early; this waits for the observation instead, with a deadline.
@@ -137,12 +142,13 @@ class LocalPodRunner:
         started = loop.time()
         while True:
             left = [instance for instance in instances
-                    if not instance.killed or not pod_processes_gone(instance)]
+                    if not (instance.killed or instance.exited) or not pod_processes_gone(instance)]
             if not left:
                 return loop.time() - started
             if loop.time() - started > timeout:
                 raise TimeoutError(', '.join(f'pod {i.namespace}/{i.name} pid {i.pid} '
-                                             f'{"still running" if i.killed else "not killed"}' for i in left))
+                                             f'{"still running" if i.killed or i.exited else "not stopped"}'
+                                             for i in left))
             await asyncio.sleep(0.1)
 
     def volume_paths(self, pod: Mapping[str, Any]) -> dict[str, pathlib.Path]:
@@ -223,12 +229,45 @@ class LocalPodRunner:
             self.kill(uid, reason='its pod was deleted')
         started = {instance.uid for instance in self.instances}
         for pod in pods:
-            if pod['metadata']['uid'] not in started and not (pod.get('status') or {}).get('phase'):
+            uid = pod['metadata']['uid']
+            if pod['metadata'].get('deletionTimestamp'):
+                if uid not in self._terminating:
+                    self._terminating[uid] = asyncio.create_task(self._terminate(pod))
+            elif uid not in started and not (pod.get('status') or {}).get('phase'):
                 await self._start(session, pod)
+
+    async def _terminate(self, pod: Mapping[str, Any]) -> None:
+        """A kubelet's graceful stop: SIGTERM to the main process, SIGKILL after the grace period,
+        then the pod object goes (a delete with grace 0, the kubelet's last word)."""
+        metadata = pod['metadata']
+        uid, key = metadata['uid'], (metadata['namespace'], metadata['name'])
+        grace = float(metadata.get('deletionGracePeriodSeconds') or 0)
+        process = self.processes.get(uid)
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+            log.info('pod %s/%s: SIGTERM to pid %d, %.0fs to exit', *key, process.pid, grace)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=grace)
+            except TimeoutError:
+                self.kill(uid, reason=f'still running {grace:.0f}s after SIGTERM')
+            waiter = self._waiters.get(uid)
+            if waiter is not None:   # its exit (code 6 after a checkpoint) is reported first
+                await asyncio.gather(waiter, return_exceptions=True)
+        async with self.session() as session, session.delete(
+                f'{self._api}/api/v1/namespaces/{key[0]}/pods/{key[1]}', params={'gracePeriodSeconds': '0'}):
+            pass
 
     async def _start(self, session: aiohttp.ClientSession, pod: Mapping[str, Any]) -> None:
         key: PodKey = (pod['metadata']['namespace'], pod['metadata']['name'])
         uid = pod['metadata']['uid']
+        # Scheduled onto this "node" (the Binding the scheduler posts): from now on a deletion
+        # is graceful, and this runner, as the node's kubelet, finishes it.
+        async with session.post(f'{self._api}/api/v1/namespaces/{key[0]}/pods/{key[1]}/binding', json={
+                'apiVersion': 'v1', 'kind': 'Binding', 'metadata': {'name': key[1]},
+                'target': {'apiVersion': 'v1', 'kind': 'Node', 'name': 'sandbox'}}) as response:
+            if response.status >= 400:
+                log.warning('pod %s/%s: binding refused: %s', *key, await response.text())
         await self._set_status(session, key, {'phase': 'Pending', 'conditions': [
             {'type': 'PodScheduled', 'status': 'True'}]})
         command, env = self.command(pod)
@@ -256,6 +295,7 @@ class LocalPodRunner:
     async def _wait(self, instance: PodInstance, pod: Mapping[str, Any],
                     process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
+        instance.exited = True
         key = instance.key
         if self.processes.pop(instance.uid, None) is None:
             return  # killed because its pod was deleted: nothing left to report on
@@ -294,7 +334,8 @@ class LocalPodRunner:
     async def close(self) -> None:
         for uid in list(self.processes):
             self.kill(uid, reason='the sandbox is stopping')
-        for task in self._waiters.values():
+        tasks = [*self._waiters.values(), *self._terminating.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._waiters.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         shutil.rmtree(self._short_tmp, ignore_errors=True)

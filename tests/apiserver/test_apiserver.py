@@ -248,6 +248,19 @@ def webhook_operator(plane: ControlPlane, folder: pathlib.Path, port: int,
     return release, system, operator, log_path
 
 
+def start_runner(plane: ControlPlane, folder: pathlib.Path,
+                 namespace: str) -> tuple[LocalPodRunner, asyncio.Task[None]]:
+    """The kubelet here: trainer processes for this namespace's pods, each with its pod's token."""
+    def pod_kubeconfig(pod: Any) -> pathlib.Path:
+        token = plane.token_for(pod['metadata']['namespace'], pod['spec']['serviceAccountName'])
+        return plane.kubeconfig_for(token, f'pod-{pod["metadata"]["name"]}')
+
+    runner = LocalPodRunner(plane.url, plane.kubeconfig, folder / 'pods', namespace=namespace,
+                            headers={'Authorization': f'Bearer {plane.token}'},
+                            ssl=ssl.create_default_context(cafile=str(plane.ca)), pod_kubeconfig=pod_kubeconfig)
+    return runner, asyncio.create_task(runner.run_forever())
+
+
 def tiny(name: str, **spec: Any) -> dict[str, Any]:
     body = yaml.safe_load((ROOT / 'manifests' / 'samples' / name).read_text())
     body['spec'].update({'model': {'channels': [8, 16], 'strides': [2], 'numResUnits': 0},
@@ -264,15 +277,7 @@ async def test_the_operator_as_its_service_account_trains_and_stops_a_hang(contr
     started = time.monotonic()
     release, system, operator, log_path = webhook_operator(plane, tmp_path, 19443, 'webhook.enabled=true',
                                                            'replicaCount=1')
-
-    def pod_kubeconfig(pod: dict[str, Any]) -> pathlib.Path:
-        token = plane.token_for(pod['metadata']['namespace'], pod['spec']['serviceAccountName'])
-        return plane.kubeconfig_for(token, f'pod-{pod["metadata"]["name"]}')
-
-    runner = LocalPodRunner(plane.url, plane.kubeconfig, tmp_path / 'pods', namespace=namespace,
-                            headers={'Authorization': f'Bearer {plane.token}'},
-                            ssl=ssl.create_default_context(cafile=str(plane.ca)), pod_kubeconfig=pod_kubeconfig)
-    runner_task = asyncio.create_task(runner.run_forever())
+    runner, runner_task = start_runner(plane, tmp_path, namespace)
     try:
         deadline = time.monotonic() + 60
         while not _webhook_registered(plane):   # the operator registers it once its HTTPS server listens
@@ -340,5 +345,54 @@ async def test_a_refused_webhook_configuration_never_stops_the_operator(control_
     finally:
         stop_operator(operator)
         remove_webhook_configuration(plane)
+        plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
+        helm_uninstall(plane, release, system)
+
+
+async def test_an_eviction_mid_epoch_is_a_disruption_and_loses_no_step(control_plane: ControlPlane, crd_absent,
+                                                                       namespace: str,
+                                                                       tmp_path: pathlib.Path) -> None:
+    """`backoffLimit: 0`, a pod evicted mid-epoch through the Eviction API (what `kubectl drain`
+    calls): the server marks it DisruptionTarget and deletes it gracefully, the runner (the
+    kubelet here) sends SIGTERM, the trainer saves its step, and the next attempt resumes there."""
+    plane = control_plane
+    release, system = unique('tg'), unique('tg-system')
+    helm_install(plane, release, system, '--set', 'replicaCount=1')
+    wait_established(plane)
+    kubeconfig = plane.kubeconfig_for(plane.token_for(system, f'{release}-trainguard'), f'operator-{release}')
+    log_path = tmp_path / 'operator.log'
+    operator = start_operator(plane, kubeconfig, log_path, '--standalone')
+    runner, runner_task = start_runner(plane, tmp_path, namespace)
+    try:
+        body = tiny('cpu-run.yaml', backoffLimit=0, output={'claimName': 'drained-output'},
+                    model={'channels': [16, 32, 64], 'strides': [2, 2], 'numResUnits': 1},
+                    dataset={'numSamples': 60})
+        body['metadata']['name'] = 'drained'
+        body['spec']['hyperparameters'] = {'batchSize': 4, 'numWorkers': 0, 'epochs': 30, 'resolution': 64,
+                                           'cropSize': 64}
+        create(plane, body, namespace, tmp_path)
+        first_log = runner.log_path((namespace, 'drained-1'))
+        plane.wait_until('attempt 1 in epoch 2', lambda: first_log.exists() and 'epoch 2/30 step' in
+                         first_log.read_text(), timeout=180)
+        eviction = tmp_path / 'eviction.json'
+        eviction.write_text(json.dumps({'apiVersion': 'policy/v1', 'kind': 'Eviction',
+                                        'metadata': {'name': 'drained-1', 'namespace': namespace}}))
+        plane.run('kubectl', 'create', '--raw', f'/api/v1/namespaces/{namespace}/pods/drained-1/eviction',
+                  '-f', str(eviction))
+        done = await _wait_phase(plane, 'drained', namespace, ('Succeeded', 'Failed'), 300)
+        status = done['status']
+        assert status['phase'] == 'Succeeded' and status['disruptions'] == 1, status
+        assert status['disruptionHistory'][0]['reason'] == 'EvictionByEvictionAPI' and not status.get('failedAttempts')
+        stopped = next(line for line in first_log.read_text().splitlines() if 'stopped on SIGTERM' in line)
+        where = stopped.split('checkpoint at ', 1)[1]   # "epoch E step S"
+        second = runner.log_path((namespace, 'drained-2')).read_text()
+        epoch, step = (int(part.split()[-1]) for part in where.split(' step '))
+        expected = f'epoch {epoch} of 30 done' if step == 12 else f'epoch {epoch} of 30, step {step} done'
+        assert expected in second, second[:3000]
+    finally:
+        runner_task.cancel()
+        await asyncio.gather(runner_task, return_exceptions=True)
+        await runner.close()
+        stop_operator(operator)
         plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
         helm_uninstall(plane, release, system)

@@ -72,7 +72,7 @@ async def test_a_pod_recreated_under_its_old_name_is_a_new_instance(tmp_path):
             async with session.post(pods, json=manifest) as response:
                 first_uid = (await response.json())['metadata']['uid']
             await runner._sync(session)
-            async with session.delete(f'{pods}/unet-1'):
+            async with session.delete(f'{pods}/unet-1', params={'gracePeriodSeconds': '0'}):
                 pass
             async with session.post(pods, json=manifest) as response:
                 second_uid = (await response.json())['metadata']['uid']

@@ -37,7 +37,11 @@ def _to_lua(runtime: lupa.LuaRuntime, value: Any) -> Any:
      {'status': 'Healthy', 'message': 'Succeeded: training finished in pod unet-1'}),
     ({'phase': 'Failed', 'reason': 'ProgressTimeout', 'message': 'no progress for 312s (last: epoch 1/2)'},
      {'status': 'Degraded', 'message': 'ProgressTimeout: no progress for 312s (last: epoch 1/2)'}),
-], ids=['no-status', 'pending', 'running', 'succeeded', 'failed'])
+    ({'phase': 'Suspended', 'reason': 'Suspended', 'message': 'suspended: no trainer pod runs'},
+     {'status': 'Suspended', 'message': 'Suspended: suspended: no trainer pod runs'}),
+    ({'phase': 'Running', 'reason': 'Disrupted', 'message': 'attempt 1 was disrupted'},
+     {'status': 'Progressing', 'message': 'Disrupted: attempt 1 was disrupted'}),
+], ids=['no-status', 'pending', 'running', 'succeeded', 'failed', 'suspended', 'disrupted'])
 def test_argocd_health(status, expected):
     obj = {'apiVersion': 'trainguard.io/v1alpha1', 'kind': 'TrainingRun', 'metadata': {'name': 'unet'}}
     if status is not None:

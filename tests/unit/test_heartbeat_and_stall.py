@@ -6,7 +6,7 @@ import json
 import pytest
 
 from trainguard.domain.heartbeat import Heartbeat, parse_heartbeat
-from trainguard.domain.pods import PodState, observe_pod
+from trainguard.domain.pods import PodState, observe_deleted_pod, observe_pod
 from trainguard.domain.stall import Healthy, Stalled, judge_stall
 
 T0 = datetime.datetime(2026, 11, 25, 12, 0, 0, tzinfo=datetime.UTC)
@@ -92,11 +92,41 @@ def pod(phase='Pending', state=None, **status):
      PodState('Failed', 'OOMKilled', 'the trainer ran out of memory and was killed (limit 2Gi)')),
     (pod('Failed', {'terminated': {'reason': 'Error', 'exitCode': 3}}),
      PodState('Failed', 'PodFailed', 'the trainer exited with code 3')),
-    (pod('Failed', reason='Evicted', message='low on memory'), PodState('Failed', 'Evicted', 'low on memory')),
+    (pod('Failed', reason='Evicted', message='low on memory'),
+     PodState('Failed', 'Evicted', 'low on memory', disruption='Evicted')),
+    (pod('Failed', {'terminated': {'reason': 'Error', 'exitCode': 6}}),
+     PodState('Failed', 'Stopped', 'the trainer was stopped (SIGTERM) and saved a checkpoint (exit code 6)')),
 ], ids=['pending', 'image-pull-backoff', 'err-image-pull', 'unschedulable', 'running', 'succeeded', 'oom',
-        'exit-code', 'evicted'])
+        'exit-code', 'evicted', 'stopped-without-a-disruption'])
 def test_pod_phase_mapping(body, expected):
     assert observe_pod(body) == expected
+
+
+def disrupted(phase='Running', condition='DisruptionTarget', reason='EvictionByEvictionAPI', deleting=True):
+    body = pod(phase, conditions=[{'type': condition, 'status': 'True', 'reason': reason,
+                                   'message': f'{reason} message'}])
+    body['metadata'] = {'deletionTimestamp': '2026-11-27T12:00:00Z'} if deleting else {}
+    return body
+
+
+@pytest.mark.parametrize(('body', 'disruption', 'terminating'), [
+    (disrupted(), 'EvictionByEvictionAPI', True),
+    (disrupted(reason='PreemptionByScheduler'), 'PreemptionByScheduler', True),
+    (disrupted(reason='DeletionByTaintManager'), 'DeletionByTaintManager', True),
+    (disrupted(reason='DeletionByPodGC'), 'DeletionByPodGC', True),
+    (disrupted('Failed', reason='TerminationByKubelet', deleting=False), 'TerminationByKubelet', False),
+    (disrupted(condition='TerminationTarget', reason='Preempted'), 'Preempted', True),
+    (pod('Failed', reason='NodeLost'), 'NodeLost', False),
+    (dict(pod('Running'), metadata={'deletionTimestamp': '2026-11-27T12:00:00Z'}), '', True),   # kubectl delete pod
+    ({**disrupted(), 'status': {'phase': 'Running', 'conditions': [
+        {'type': 'DisruptionTarget', 'status': 'False', 'reason': 'EvictionByEvictionAPI'}]}}, '', True),
+], ids=['evicted-by-api', 'preempted', 'taint-manager', 'pod-gc', 'kubelet', 'kueue', 'node-lost',
+        'deleted-by-a-user', 'condition-false'])
+def test_disruptions_are_told_apart_from_failures(body, disruption, terminating):
+    state = observe_pod(body)
+    assert (state.disruption, state.terminating) == (disruption, terminating)
+    gone = observe_deleted_pod(body)
+    assert (gone.disruption if gone else '') == disruption
 
 
 @pytest.mark.parametrize(('status', 'spec', 'after', 'resync', 'due'), [
@@ -107,7 +137,13 @@ def test_pod_phase_mapping(body, expected):
     (running(progress=beat_at(10)), {'progressTimeoutSeconds': 300}, 400, False, True),
     (running(), {'startupTimeoutSeconds': 60}, 61, False, True),
     (running(), {'startupTimeoutSeconds': 'soon'}, 0, False, True),
-], ids=['terminal', 'pending', 'pending-resync', 'running-healthy', 'running-stalled', 'startup-late', 'bad-spec'])
+    ({'phase': 'Pending', 'activeSince': T0.strftime('%Y-%m-%dT%H:%M:%SZ')}, {'activeDeadlineSeconds': 60}, 61,
+     False, True),
+    ({'phase': 'Pending', 'activeSince': T0.strftime('%Y-%m-%dT%H:%M:%SZ')}, {'activeDeadlineSeconds': 60}, 59,
+     False, False),
+    ({'phase': 'Suspended', 'activeSeconds': 100}, {'activeDeadlineSeconds': 60}, 1000, False, False),
+], ids=['terminal', 'pending', 'pending-resync', 'running-healthy', 'running-stalled', 'startup-late', 'bad-spec',
+        'deadline-passed', 'deadline-ahead', 'suspended-clock-stopped'])
 def test_due_for_sweep(status, spec, after, resync, due):
     from trainguard.domain.stall import due_for_sweep
 

@@ -66,4 +66,69 @@ def test_situations(stored, observed, phase, reason, deleted, attempts):
 
 def test_every_situation_is_in_the_table():
     assert [situation.__name__ for situation in machine.SITUATIONS] == [
-        '_pods_gone', '_succeeded', '_failed', '_starting_or_running', '_heartbeat', '_stalled']
+        '_suspended', '_resumed', '_past_deadline', '_disrupted', '_pods_gone', '_succeeded', '_failed',
+        '_starting_or_running', '_heartbeat', '_stalled']
+
+
+def with_spec(stored, **spec):
+    stored['spec'].update(spec)
+    return stored
+
+
+EVICTING = PodState('Running', 'Training', 'evicted (node drain)', disruption='EvictionByEvictionAPI',
+                    terminating=True)
+EVICTED = PodState('Failed', 'Disrupted', 'evicted (node drain)', disruption='EvictionByEvictionAPI')
+STOPPING = PodState('Running', 'Training', 'the trainer is running', terminating=True)
+ACTIVE = {'activeSince': OLD, 'activeSeconds': 30}   # 600 s in this stretch, 630 s in all
+HISTORY = [{'attempt': 1, 'reason': 'EvictionByEvictionAPI', 'message': 'pod unet-1: evicted', 'time': OLD}]
+
+
+@pytest.mark.parametrize(('stored', 'observed', 'expected', 'stopped'), [
+    (with_spec(run(**ACTIVE), suspend=True), RUNNING,
+     {'phase': 'Suspended', 'reason': 'Suspended', 'activeSince': None, 'activeSeconds': 630}, ['unet-1']),
+    (with_spec(run(phase='Suspended', reason='Suspended'), suspend=True), STOPPING,
+     {'phase': 'Suspended', 'attempts': 1}, []),
+    (with_spec(run(phase='Suspended', reason='Suspended', activeSince=None, activeSeconds=630), suspend=False),
+     PodAbsence.GONE, {'phase': 'Pending', 'reason': 'Resumed', 'attempts': 2, 'activeSince': '2026-11-27T12:00:00Z',
+                       'failedAttempts': None}, []),
+    (with_spec(run(phase='Suspended', reason='Suspended'), suspend=False), STOPPING,
+     {'phase': 'Suspended', 'reason': 'Resuming', 'attempts': 1}, []),
+    (with_spec(run(**ACTIVE), activeDeadlineSeconds=600), RUNNING,
+     {'phase': 'Failed', 'reason': 'DeadlineExceeded', 'activeSeconds': 630}, ['unet-1']),
+    (with_spec(run(phase='Pending', reason='Unschedulable', **ACTIVE), activeDeadlineSeconds=600), UNSCHEDULABLE,
+     {'phase': 'Failed', 'reason': 'DeadlineExceeded'}, ['unet-1']),
+    (with_spec(run(**ACTIVE), activeDeadlineSeconds=700), RUNNING, {'phase': 'Running', 'attempts': 1}, []),
+    (run(), EVICTING, {'phase': 'Running', 'reason': 'Disrupted', 'disruptions': 1, 'attempts': 1}, []),
+    (run(), EVICTED, {'phase': 'Pending', 'reason': 'Disrupted', 'disruptions': 1, 'attempts': 2,
+                      'failedAttempts': None}, []),
+    (run(nodes=2), gang(EVICTING, RUNNING), {'reason': 'Disrupted', 'disruptions': 1}, ['unet-1-1']),
+    (run(nodes=2, disruptions=1, disruptionHistory=HISTORY), gang(EVICTED, STOPPING),
+     {'reason': 'Disrupted', 'disruptions': 1, 'attempts': 1}, []),
+    (with_spec(run(), maxDisruptions=0), EVICTED, {'phase': 'Failed', 'reason': 'TooManyDisruptions'}, []),
+    (run(disruptions=1, disruptionHistory=HISTORY), PodAbsence.GONE,
+     {'phase': 'Pending', 'reason': 'Disrupted', 'disruptions': 1, 'attempts': 2}, []),
+    (run(backoff=1, attempts=4, disruptions=3, failedAttempts=0), OOM,
+     {'phase': 'Pending', 'reason': 'Retrying', 'attempts': 5, 'failedAttempts': 1}, []),
+    (run(backoff=1, attempts=4, disruptions=3, failedAttempts=1), OOM,
+     {'phase': 'Failed', 'reason': 'OOMKilled', 'failedAttempts': 2}, []),
+], ids=['suspend-running', 'suspended-stopping', 'resumed', 'resuming-waits', 'deadline-running',
+        'deadline-never-scheduled', 'deadline-not-yet', 'evicting', 'evicted-retried-not-counted',
+        'gang-rest-stops-gracefully', 'gang-waits-for-the-last-pod', 'too-many-disruptions',
+        'disrupted-pods-gone-while-away', 'disruptions-leave-the-backoff-budget', 'then-the-budget-ends-it'])
+def test_disruption_suspend_and_deadline_situations(stored, observed, expected, stopped):
+    plan = machine.reconcile(stored, observed, NOW, machine.Settings())
+    after = {**stored['status'], **(plan.status_patch or {})}
+    assert {key: after.get(key) for key in expected} == expected
+    assert sorted(plan.stop_pods) == stopped and plan.delete_pods == []
+    if after.get('disruptions') != stored['status'].get('disruptions'):
+        assert [event.reason for event in plan.events if event.reason == 'Disrupted'] == ['Disrupted']
+    else:
+        assert 'Disrupted' not in [event.reason for event in plan.events]
+
+
+def test_a_run_created_suspended_starts_nothing():
+    stored = with_spec(run(), suspend=True)
+    stored.pop('status')
+    plan = machine.reconcile(stored, PodAbsence.UNKNOWN, NOW, machine.Settings())
+    assert plan.children == [] and plan.status_patch['phase'] == 'Suspended'
+    assert {c['type']: c['status'] for c in plan.status_patch['conditions']}['Suspended'] == 'True'

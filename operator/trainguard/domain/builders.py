@@ -262,6 +262,8 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
         # the operator stops the attempt (trainguard_trainer/watchdog.py).
         {'name': 'TRAINGUARD_STALL_REPORT_SECONDS', 'value': str(spec.progress_timeout_seconds / 2)},
         {'name': 'TRAINGUARD_STARTUP_REPORT_SECONDS', 'value': str(spec.startup_timeout_seconds / 2)},
+        # A mid-epoch checkpoint at most this often; on SIGTERM it saves at the step it stops.
+        {'name': 'TRAINGUARD_CHECKPOINT_INTERVAL_SECONDS', 'value': str(spec.checkpoint_interval_seconds)},
         {'name': 'HOME', 'value': '/tmp'},
         {'name': 'MPLCONFIGDIR', 'value': '/tmp/matplotlib'},
     ]
@@ -312,7 +314,8 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
         'restartPolicy': 'Never',
         'serviceAccountName': trainer_account_name(run.name),
         'automountServiceAccountToken': True,
-        'terminationGracePeriodSeconds': 10,
+        # SIGTERM to SIGKILL: the trainer finishes its step, saves and exits (a drain loses no step).
+        'terminationGracePeriodSeconds': spec.termination_grace_period_seconds,
         'securityContext': {
             'runAsNonRoot': True, 'runAsUser': TRAINER_UID, 'runAsGroup': TRAINER_UID, 'fsGroup': TRAINER_UID,
             'seccompProfile': {'type': 'RuntimeDefault'},

@@ -37,15 +37,28 @@ class Gang:
 
 
 @dataclasses.dataclass(frozen=True)
+class Disruption:
+    reason: str    # e.g. EvictionByEvictionAPI, PreemptionByScheduler
+    message: str   # which member, and what the cluster said
+
+
+@dataclasses.dataclass(frozen=True)
 class GangSummary:
     state: PodView
     running: int          # members Running (a Succeeded member no longer holds its node)
     total: int
     live: tuple[str, ...]  # members that may still hold a node: delete these to stop the attempt
+    stopping: tuple[str, ...] = ()  # live members whose deletion was already requested (grace period)
+    disruption: Disruption | None = None  # the cluster took a member: the attempt ends, not by its fault
 
     @property
     def nodes(self) -> str:
         return f'{self.running}/{self.total}'
+
+    @property
+    def to_stop(self) -> tuple[str, ...]:
+        """Live members not yet asked to stop (asking again would only repeat a write)."""
+        return tuple(name for name in self.live if name not in self.stopping)
 
 
 def summarize(gang: Gang) -> GangSummary:
@@ -54,7 +67,15 @@ def summarize(gang: Gang) -> GangSummary:
     running = sum(1 for _, view in members if isinstance(view, PodState) and view.phase == 'Running')
     live = tuple(name for name, view in members
                  if view is PodAbsence.UNKNOWN or (isinstance(view, PodState) and view.phase in _HOLDING_NODES))
-    return GangSummary(_state(members), running, total, live)
+    stopping = tuple(name for name, view in members if isinstance(view, PodState) and view.terminating
+                     and name in live)
+    disrupted = next(((rank, name, view) for rank, (name, view) in enumerate(members)
+                      if isinstance(view, PodState) and view.disruption), None)
+    disruption = None
+    if disrupted is not None:
+        rank, name, view = disrupted
+        disruption = Disruption(view.disruption, f'{_label(rank, name, total)}: {view.message}')
+    return GangSummary(_state(members), running, total, live, stopping, disruption)
 
 
 def _label(rank: int, name: str, total: int) -> str:

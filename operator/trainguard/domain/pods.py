@@ -11,10 +11,27 @@ from typing import Any
 EXIT_GPU_UNAVAILABLE = 4
 # ... and when CUDA ran out of memory: retried with half the batch (trainguard.domain.retry).
 EXIT_GPU_OUT_OF_MEMORY = 5
+# ... and when it stopped on SIGTERM after saving a checkpoint (its pod was being stopped).
+EXIT_STOPPED = 6
 
 _TRAINER_EXITS = {
     EXIT_GPU_UNAVAILABLE: ('GPUUnavailable', f'the trainer found no usable GPU (exit code {EXIT_GPU_UNAVAILABLE})'),
     EXIT_GPU_OUT_OF_MEMORY: ('GPUOutOfMemory', f'CUDA ran out of memory (exit code {EXIT_GPU_OUT_OF_MEMORY})'),
+    EXIT_STOPPED: ('Stopped', f'the trainer was stopped (SIGTERM) and saved a checkpoint (exit code {EXIT_STOPPED})'),
+}
+
+# The cluster took the pod, the training did nothing wrong: a disruption (retried whole, not
+# counted against backoffLimit). kube-apiserver and the kubelet set DisruptionTarget with one of
+# these reasons (beta in 1.26, GA in 1.31); Kueue sets TerminationTarget when it preempts.
+DISRUPTION_CONDITIONS = ('DisruptionTarget', 'TerminationTarget')
+DISRUPTION_REASONS = {
+    'PreemptionByScheduler': 'preempted by the scheduler for a higher-priority pod',
+    'EvictionByEvictionAPI': 'evicted (node drain or the Eviction API)',
+    'DeletionByTaintManager': 'deleted by the taint manager (a NoExecute taint on its node)',
+    'DeletionByPodGC': 'deleted by pod garbage collection (its node is gone)',
+    'TerminationByKubelet': 'terminated by the kubelet (node pressure or node shutdown)',
+    'Evicted': 'evicted by the kubelet',
+    'NodeLost': 'its node was lost',
 }
 
 WAITING_REASONS_WORTH_REPORTING = frozenset({
@@ -28,9 +45,40 @@ class PodState:
     phase: str            # Pending | Running | Succeeded | Failed
     reason: str = ''
     message: str = ''
+    disruption: str = ''  # why the cluster took the pod (a DISRUPTION_REASONS key, or a Kueue reason); '' if not
+    terminating: bool = False  # deletion requested, the trainer has its grace period to save and exit
+
+
+def disruption_of(pod: Mapping[str, Any]) -> tuple[str, str]:
+    """(reason, message) when the cluster, not the training, is ending this pod; ('', '') otherwise."""
+    status = pod.get('status') or {}
+    for condition in status.get('conditions') or []:
+        if condition.get('type') in DISRUPTION_CONDITIONS and condition.get('status') == 'True':
+            reason = condition.get('reason') or condition['type']
+            return reason, condition.get('message') or DISRUPTION_REASONS.get(reason, reason)
+    if status.get('reason') in ('Evicted', 'NodeLost'):
+        reason = status['reason']
+        return reason, status.get('message') or DISRUPTION_REASONS[reason]
+    return '', ''
+
+
+def observe_deleted_pod(pod: Mapping[str, Any]) -> PodState | None:
+    """The last state of a pod that is gone: a disruption is remembered as one; None: just gone."""
+    reason, message = disruption_of(pod)
+    return PodState('Failed', 'Disrupted', message, disruption=reason) if reason else None
 
 
 def observe_pod(pod: Mapping[str, Any]) -> PodState:
+    state = _observe(pod)
+    reason, message = disruption_of(pod)
+    terminating = bool((pod.get('metadata') or {}).get('deletionTimestamp'))
+    if reason or terminating:
+        return dataclasses.replace(state, disruption=reason, terminating=terminating,
+                                   message=message if reason else state.message)
+    return state
+
+
+def _observe(pod: Mapping[str, Any]) -> PodState:
     status = pod.get('status') or {}
     phase = status.get('phase') or 'Pending'
     containers = status.get('containerStatuses') or []

@@ -15,7 +15,7 @@ from typing import Any
 
 from trainguard.domain import builders
 from trainguard.domain.gang import Gang, GangSummary, PodAbsence, PodView, summarize
-from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat
+from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat, parse_time
 from trainguard.domain.pods import PodState
 from trainguard.domain.policy import CpuLimits, effective_device, plan_rewrite
 from trainguard.domain.retry import HANG_REASONS, adapt_for_retry
@@ -62,7 +62,8 @@ class Event:
 class Plan:
     spec_patch: dict[str, Any] | None = None
     children: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    delete_pods: list[str] = dataclasses.field(default_factory=list)
+    delete_pods: list[str] = dataclasses.field(default_factory=list)   # at once (grace 0): hung or failed
+    stop_pods: list[str] = dataclasses.field(default_factory=list)     # gracefully: the trainer saves first
     status_patch: dict[str, Any] | None = None
     events: list[Event] = dataclasses.field(default_factory=list)
     logs: list[str] = dataclasses.field(default_factory=list)
@@ -71,7 +72,8 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return not (self.spec_patch or self.children or self.delete_pods or self.status_patch or self.events)
+        return not (self.spec_patch or self.children or self.delete_pods or self.stop_pods or self.status_patch
+                    or self.events)
 
 
 def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetime, settings: Settings, *,
@@ -117,7 +119,12 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
     attempts = int(status.get('attempts') or 0)
     in_grace = attempts == 0 and first_seen is not None and \
         0 <= (now - first_seen).total_seconds() < settings.first_status_grace_seconds
+    if attempts == 0 and not _observed(pod) and spec.suspend:
+        target.update(phase='Suspended', reason='Suspended', activeSince=None,
+                      message='created suspended: no pod starts until spec.suspend is false')
+        return _conclude(plan, status, target, now)
     if attempts == 0 and not _observed(pod):
+        _activate(target, status, now)
         _start_attempt(plan, target, ref, spec, hp, 1, settings, annotations, now, 'PodCreated',
                        _created(ref, spec, 1))
         if in_grace:  # children only; the first status waits for the pod (settings.first_status_grace_seconds)
@@ -126,6 +133,7 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
         return _conclude(plan, status, target, now)
     if attempts == 0:  # the first attempt's pods exist, its status was not written yet: adopt it
         attempts = 1
+        _activate(target, status, now)
         target.update(attempts=1, podName=builders.attempt_pod_names(ref.name, 1, spec.num_nodes)[0],
                       phase='Pending', reason='PodCreated', message=_created(ref, spec, 1))
         if spec.num_nodes > 1:
@@ -197,6 +205,7 @@ def _succeeded(attempt: _Attempt) -> bool:
     _mirror(attempt.target, attempt.status, attempt.beat, attempt.now)
     _finish(attempt.target, 'Succeeded', 'Succeeded', f'training finished in {attempt.where}', attempt.now,
             attempt.spec)
+    _deactivate(attempt.target, attempt.status, attempt.now)
     return True
 
 
@@ -262,8 +271,117 @@ def _stalled(attempt: _Attempt) -> bool:
     return True
 
 
+def _suspended(attempt: _Attempt) -> bool:
+    """spec.suspend: every pod stopped gracefully (they save), no timer runs, nothing is counted."""
+    if not attempt.spec.suspend:
+        return False
+    target, status = attempt.target, attempt.status
+    attempt.plan.stop_pods += attempt.summary.to_stop
+    _deactivate(target, status, attempt.now)
+    live = len(attempt.summary.live)
+    target.update(phase='Suspended', reason='Suspended',
+                  message=f'suspended: stopping {live} trainer pod(s), each saves a checkpoint first' if live
+                  else 'suspended: no trainer pod runs; set spec.suspend to false to resume')
+    return True
+
+
+def _resumed(attempt: _Attempt) -> bool:
+    """Out of suspension: once the last attempt's pods are gone, a new attempt resumes from its checkpoint."""
+    if attempt.phase != 'Suspended':
+        return False
+    if attempt.summary.live:
+        attempt.plan.stop_pods += attempt.summary.to_stop
+        attempt.target.update(reason='Resuming', message='resuming once the suspended attempt\'s pods have stopped')
+        return True
+    _activate(attempt.target, attempt.status, attempt.now)
+    number = attempt.number + 1
+    _start_attempt(attempt.plan, attempt.target, attempt.ref, attempt.spec, attempt.hp, number, attempt.settings,
+                   attempt.annotations, attempt.now, 'Resumed',
+                   f'resumed: started attempt {number}, continuing from the last checkpoint')
+    return True
+
+
+def _past_deadline(attempt: _Attempt) -> bool:
+    """spec.activeDeadlineSeconds: active time (pending included, suspended excluded) is up."""
+    deadline = attempt.spec.active_deadline_seconds
+    if deadline is None:
+        return False
+    active = active_seconds({**attempt.status, **attempt.target}, attempt.now)
+    if active <= deadline:
+        return False
+    attempt.plan.stop_pods += attempt.summary.to_stop
+    _finish(attempt.target, 'Failed', 'DeadlineExceeded',
+            f'active for {active}s, past activeDeadlineSeconds {deadline}; its pods were stopped', attempt.now,
+            attempt.spec)
+    _deactivate(attempt.target, attempt.status, attempt.now)
+    return True
+
+
+def _disrupted(attempt: _Attempt) -> bool:
+    """The cluster took a pod (drain, preemption, eviction, lost node): not the training's fault.
+
+    Recorded once per attempt; the other members are stopped gracefully (they save at the
+    same step); once every pod of the attempt is gone, a new attempt resumes with the same
+    settings, counted against maxDisruptions, never against backoffLimit.
+    """
+    target, status, plan = attempt.target, attempt.status, attempt.plan
+    history = list(target.get('disruptionHistory', status.get('disruptionHistory')) or [])
+    recorded = bool(history) and history[-1].get('attempt') == attempt.number
+    disruption = attempt.summary.disruption
+    if disruption is None and not (recorded and attempt.state is PodAbsence.GONE):
+        return False   # (recorded and gone: the pods went while the operator was away)
+    count = int(target.get('disruptions', status.get('disruptions')) or 0)
+    if disruption is not None and not recorded:
+        count += 1
+        history.append({'attempt': attempt.number, 'reason': disruption.reason, 'message': disruption.message,
+                        'time': format_time(attempt.now)})
+        target.update(disruptions=count, disruptionHistory=history[-MAX_DISRUPTION_HISTORY:])
+        plan.events.append(Event('Warning', 'Disrupted',
+                                 f'attempt {attempt.number}: {disruption.reason}: {disruption.message}; not a '
+                                 f'failure ({count} of maxDisruptions {attempt.spec.max_disruptions})'))
+    last = history[-1]
+    plan.stop_pods += attempt.summary.to_stop   # the rest of the gang saves at the same step and goes
+    if attempt.summary.live:
+        target.update(reason='Disrupted', message=f'attempt {attempt.number} was disrupted ({last["reason"]}): '
+                                                  f'waiting for {len(attempt.summary.live)} pod(s) to stop and save')
+        return True
+    if count > attempt.spec.max_disruptions:
+        _finish(target, 'Failed', 'TooManyDisruptions',
+                f'{count} attempts were disrupted (maxDisruptions {attempt.spec.max_disruptions}); the last: '
+                f'{last["reason"]}: {last["message"]}', attempt.now, attempt.spec)
+        return True
+    number = attempt.number + 1
+    _start_attempt(plan, target, attempt.ref, attempt.spec, attempt.hp, number, attempt.settings,
+                   attempt.annotations, attempt.now, 'Disrupted',
+                   f'attempt {attempt.number} was disrupted ({last["reason"]}); started attempt {number}, '
+                   'resuming from the last checkpoint')
+    return True
+
+
 SITUATIONS: tuple[Callable[[_Attempt], bool], ...] = (
-    _pods_gone, _succeeded, _failed, _starting_or_running, _heartbeat, _stalled)
+    _suspended, _resumed, _past_deadline, _disrupted, _pods_gone, _succeeded, _failed, _starting_or_running,
+    _heartbeat, _stalled)
+MAX_DISRUPTION_HISTORY = 20
+
+
+def _activate(target: dict[str, Any], status: Mapping[str, Any], now: datetime.datetime) -> None:
+    """An active stretch begins (a new run, a resume): the deadline clock runs from here."""
+    if not status.get('activeSince'):
+        target['activeSince'] = format_time(now)
+
+
+def _deactivate(target: dict[str, Any], status: Mapping[str, Any], now: datetime.datetime) -> None:
+    """The active stretch ends (suspended, finished): its seconds are added up, the clock stops."""
+    if status.get('activeSince'):
+        target['activeSeconds'] = active_seconds(status, now)
+        target['activeSince'] = None
+
+
+def active_seconds(status: Mapping[str, Any], now: datetime.datetime) -> int:
+    """Seconds the run has been active: earlier stretches plus the current one."""
+    since = parse_time(status.get('activeSince'))
+    current = max(0, int((now - since).total_seconds())) if since is not None else 0
+    return int(status.get('activeSeconds') or 0) + current
 
 
 def _observed(pod: PodView | Gang) -> bool:
@@ -304,10 +422,21 @@ def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spe
                   nodes=f'0/{spec.num_nodes}')
 
 
+def failed_attempts(status: Mapping[str, Any]) -> int:
+    """Attempts that failed by the training's fault (not disrupted, not resumed): the backoffLimit budget."""
+    recorded = status.get('failedAttempts')
+    if isinstance(recorded, int):
+        return recorded
+    # A status from before the field: every attempt but the current one was a failure's retry.
+    return max(0, int(status.get('attempts') or 1) - 1 - int(status.get('disruptions') or 0))
+
+
 def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec: RunSpec, hp: Hyperparameters,
                   attempts: int, settings: Settings, annotations: Mapping[str, str],
                   reason: str, message: str, now: datetime.datetime, status: Mapping[str, Any]) -> None:
-    if attempts < spec.backoff_limit + 1 and reason not in NOT_RETRIED:
+    failed = failed_attempts({**status, **target}) + 1
+    target['failedAttempts'] = failed
+    if failed <= spec.backoff_limit and reason not in NOT_RETRIED:
         plan.events.append(Event('Warning', reason, f'attempt {attempts}: {message}'))
         hp, changes = adapt_for_retry(hp, reason, attempts + 1, spec.retry_policy)
         if changes:
@@ -319,12 +448,13 @@ def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec
                                      *(change.to_api() for change in changes)]
         _start_attempt(plan, target, ref, spec, hp, attempts + 1, settings, annotations, now, 'Retrying',
                        f'attempt {attempts} failed ({reason}: {message}); started attempt {attempts + 1}'
-                       f' of {spec.backoff_limit + 1}')
+                       f' (retry {failed} of {spec.backoff_limit})')
     else:
         suffix = f' after {attempts} attempts' if attempts > 1 else ''
         if reason in HANG_REASONS:  # `kubectl describe` shows why it stopped
             plan.events.append(Event('Warning', reason, f'attempt {attempts}: {message}'))
         _finish(target, 'Failed', reason, message + suffix, now, spec)
+        _deactivate(target, status, now)
 
 
 # Failures a new attempt cannot fix: the same image on the same kind of node fails the same way.
@@ -364,6 +494,7 @@ def conditions(phase: str, reason: str, message: str, generation: int,
         'Ready': phase == 'Succeeded',
         'Progressing': phase in ('Pending', 'Running'),
         'Stalled': phase == 'Failed',
+        'Suspended': phase == 'Suspended',   # Job's condition type: Argo CD and kstatus read it as suspended
     }
     before = {condition.get('type'): condition for condition in previous}
     result = []

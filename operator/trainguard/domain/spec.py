@@ -23,7 +23,8 @@ DEFAULT_MODEL: dict[str, Any] = {'channels': [16, 32, 64, 128, 256], 'strides': 
 DEFAULT_DATASET: dict[str, Any] = {'source': 'synthetic', 'numSamples': 64, 'claimName': '', 'path': '/data'}
 MAX_NODES = 64
 DEFAULT_TIMEOUTS: dict[str, int] = {'progressTimeoutSeconds': 300, 'startupTimeoutSeconds': 600, 'backoffLimit': 0,
-                                   'numNodes': 1}
+                                   'numNodes': 1, 'maxDisruptions': 20, 'checkpointIntervalSeconds': 600,
+                                   'terminationGracePeriodSeconds': 60}
 
 
 class SpecError(ValueError):
@@ -82,6 +83,11 @@ class RunSpec:
     backoff_limit: int
     retry_policy: str = 'adapt'   # adapt | same: how a retried attempt's settings follow its failure
     num_nodes: int = 1            # pods per attempt (a gang when > 1)
+    max_disruptions: int = 20     # attempts the cluster may take (drain, preemption) before the run fails
+    checkpoint_interval_seconds: int = 600  # the trainer's mid-epoch checkpoints; 0: at epoch ends only
+    termination_grace_period_seconds: int = 60  # SIGTERM to SIGKILL: the trainer's time to save and exit
+    suspend: bool = False         # Job's convention (what Kueue sets): no pods while true
+    active_deadline_seconds: int | None = None  # active wall-clock time allowed (suspended time excluded)
 
 
 def _int(raw: Mapping[str, Any], key: str, field: str, default: int, low: int, high: int) -> int:
@@ -90,6 +96,13 @@ def _int(raw: Mapping[str, Any], key: str, field: str, default: int, low: int, h
         raise SpecError(f'{field}.{key}', f'must be an integer, got {value!r}')
     if not low <= value <= high:
         raise SpecError(f'{field}.{key}', f'must be between {low} and {high}, got {value}')
+    return value
+
+
+def _bool(raw: Mapping[str, Any], key: str, field: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise SpecError(f'{field}.{key}', f'must be true or false, got {value!r}')
     return value
 
 
@@ -203,4 +216,10 @@ def parse_spec(raw: Mapping[str, Any]) -> RunSpec:
         backoff_limit=_int(raw, 'backoffLimit', 'spec', 0, 0, 10),
         retry_policy=_str(raw, 'retryPolicy', 'spec', 'adapt', ('adapt', 'same')),
         num_nodes=_int(raw, 'numNodes', 'spec', 1, 1, MAX_NODES),
+        max_disruptions=_int(raw, 'maxDisruptions', 'spec', 20, 0, 1000),
+        checkpoint_interval_seconds=_int(raw, 'checkpointIntervalSeconds', 'spec', 600, 0, 86400),
+        termination_grace_period_seconds=_int(raw, 'terminationGracePeriodSeconds', 'spec', 60, 1, 3600),
+        suspend=_bool(raw, 'suspend', 'spec', False),
+        active_deadline_seconds=(_int(raw, 'activeDeadlineSeconds', 'spec', 0, 1, 31_536_000)
+                                 if raw.get('activeDeadlineSeconds') is not None else None),
     )

@@ -92,13 +92,25 @@ def due_for_sweep(run: Mapping[str, Any], now: datetime.datetime, *, resync: boo
         return False
     if not status.get('phase'):  # a new run whose first status waits for its pod, for a few seconds
         return resync or first_seen is None or (now - first_seen).total_seconds() >= grace
+    spec = run.get('spec') or {}
+    if past_active_deadline(spec, status, now):
+        return True
     gang_starting = status.get('phase') == 'Pending' and bool(status.get('attemptCreationTime'))
     if status.get('phase') != 'Running' and not gang_starting:
         return resync
-    spec = run.get('spec') or {}
     progress, startup = spec.get('progressTimeoutSeconds', 300), spec.get('startupTimeoutSeconds', 600)
     if not isinstance(progress, int) or not isinstance(startup, int):
         return True  # let reconcile report the invalid spec
     verdict = (judge_gang_start(status, now, startup_timeout=startup) if gang_starting
                else judge_stall(status, now, progress_timeout=progress, startup_timeout=startup))
     return isinstance(verdict, Stalled) or resync
+
+
+def past_active_deadline(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime.datetime) -> bool:
+    """spec.activeDeadlineSeconds is up: active seconds so far plus the current stretch (a
+    suspended run has no current stretch, so its clock is stopped)."""
+    deadline = spec.get('activeDeadlineSeconds')
+    since = parse_time(status.get('activeSince'))
+    if not isinstance(deadline, int) or isinstance(deadline, bool) or since is None:
+        return False
+    return int(status.get('activeSeconds') or 0) + (now - since).total_seconds() > deadline
