@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-PHASES = ('Pending', 'Running', 'Succeeded', 'Failed')
+PHASES = ('Pending', 'Running', 'Suspended', 'Succeeded', 'Failed')
 
 
 class _RunsByPhase(Collector):
@@ -34,6 +34,8 @@ class Metrics:
                               registry=self.registry)
         self.transitions = Counter('trainguard_phase_transitions', 'Runs entering a phase', ['phase'],
                                    registry=self.registry)
+        self.disruptions = Counter('trainguard_disruptions', 'Attempts the cluster took away (drain, preemption, '
+                                   'eviction): retried, not failures', ['reason'], registry=self.registry)
         self.reconcile_errors = Counter('trainguard_reconcile_errors', 'Reconciles that raised and will be retried',
                                         registry=self.registry)
         self.webhook_failures = Counter('trainguard_webhook_failures',

@@ -228,6 +228,8 @@ class Runtime:
             self._remember(key, self.api.patch_run_status(namespace, name, plan.status_patch))
         if plan.stalled:
             self.metrics.stalls.labels(plan.stalled).inc()
+        if plan.disrupted:
+            self.metrics.disruptions.labels(plan.disrupted).inc()
         phase = (plan.status_patch or {}).get('phase')
         if phase:
             self.metrics.transitions.labels(phase).inc()

@@ -1,4 +1,4 @@
-"""``make demo``: three sample runs on the sandbox, shown as a live ``kubectl get tr`` table.
+"""``make demo``: four sample runs on the sandbox, shown as a live ``kubectl get tr`` table.
 
 1. ``manifests/samples/cpu-run.yaml`` — written with batch 32 / 2 workers / 256px, rewritten
    to CPU-safe values, trains to Succeeded;
@@ -7,9 +7,12 @@
 3. ``manifests/samples/multinode-hang-demo-run.yaml`` — two pods whose last rank freezes after
    3 steps; rank 0 then blocks in the gradient all-reduce and the gang's heartbeat stops; the
    operator deletes both pods (their processes die with them) and fails the run with
-   ProgressTimeout.
+   ProgressTimeout;
+4. ``manifests/samples/drain-resilient-run.yaml`` — evicted mid-epoch (the Eviction API, as
+   ``kubectl drain`` calls it) with backoffLimit 0: the trainer saves its step on SIGTERM, the
+   operator records a disruption, and attempt 2 resumes at that step to Succeeded.
 
-Exits 0 only when all three outcomes happened. Every check waits, with a deadline, for the state
+Exits 0 only when all four outcomes happened. Every check waits, with a deadline, for the state
 it verifies and says what it waited for; none samples once after a fixed sleep.
 """
 
@@ -124,8 +127,9 @@ def prepare_workdir(workdir: pathlib.Path) -> str:
 
 
 async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: TextIO = sys.stdout) -> int:
-    cpu, multinode, hang = (load_manifest(SAMPLES / name) for name in (
-        'cpu-run.yaml', 'multinode-run.yaml', 'multinode-hang-demo-run.yaml'))
+    cpu, multinode, hang, drained = (load_manifest(SAMPLES / name) for name in (
+        'cpu-run.yaml', 'multinode-run.yaml', 'multinode-hang-demo-run.yaml', 'drain-resilient-run.yaml'))
+    drained_name = drained['metadata']['name']
     table = LiveTable(stream)
     try:
         table.note(prepare_workdir(workdir))
@@ -136,10 +140,10 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
     async with Sandbox(workdir) as sandbox:
         table.note(f'sandbox API at {sandbox.api_url} (kubeconfig: {sandbox.kubeconfig}); '
                    f'trainer output in {workdir / "pods"}')
-        for run in (cpu, multinode, hang):
+        for run in (cpu, multinode, hang, drained):
             await sandbox.apply(run)
             table.note(f'trainingrun.trainguard.io/{run["metadata"]["name"]} created')
-        shown_optimizations = False
+        shown_optimizations, evicted = False, False
         while time.monotonic() - started < timeout:
             runs = await sandbox.runs()
             if not shown_optimizations:
@@ -149,8 +153,9 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
                             table.note(line)
                         shown_optimizations = True
             table.show(render_table(table_rows(runs, datetime.datetime.now(datetime.UTC))))
+            evicted = evicted or await _drain_when_training(sandbox, runs, drained_name, table)
             phases = {run['metadata']['name']: (run.get('status') or {}).get('phase') for run in runs}
-            if all(phase in ('Succeeded', 'Failed') for phase in phases.values()) and len(phases) == 3:
+            if all(phase in ('Succeeded', 'Failed') for phase in phases.values()) and len(phases) == 4:
                 break
             await asyncio.sleep(1.0)
         final = {run['metadata']['name']: run for run in await sandbox.runs()}
@@ -160,8 +165,36 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
         processes = await _processes_stopped(sandbox, hang_pods)
         assert sandbox.emulator is not None
         refused = [message for _, _, message in sandbox.emulator.refusals]
+        drain_check = _drain_survived(final.get(drained_name) or {}, workdir / 'pods' / 'default', evicted)
         return _summary(final, cpu['metadata']['name'], multinode['metadata']['name'], hang['metadata']['name'],
-                        processes, refused, time.monotonic() - started, table)
+                        processes, refused, drain_check, time.monotonic() - started, table)
+
+
+async def _drain_when_training(sandbox: Sandbox, runs: Sequence[Mapping[str, Any]], name: str,
+                               table: LiveTable) -> bool:
+    """Evict the run's pod once it is a few steps into training, as `kubectl drain` would."""
+    run = next((run for run in runs if run['metadata']['name'] == name), {})
+    status = run.get('status') or {}
+    if status.get('phase') != 'Running' or int((status.get('progress') or {}).get('step') or 0) < 2:
+        return False
+    pod = status.get('podName') or f'{name}-1'
+    await sandbox.evict(pod)
+    table.note(f'evicted {pod} mid-epoch (the Eviction API, as `kubectl drain` does)')
+    return True
+
+
+def _drain_survived(run: Mapping[str, Any], logs: pathlib.Path, evicted: bool) -> tuple[bool, str]:
+    status = run.get('status') or {}
+    second = logs / f'{run.get("metadata", {}).get("name", "")}-2.log'
+    resumed = next((line.split('resuming from ', 1)[1].split(': ', 1)[1] for line in
+                    (second.read_text(errors='replace').splitlines() if second.exists() else [])
+                    if 'resuming from ' in line), '')
+    ok = (evicted and status.get('phase') == 'Succeeded' and status.get('disruptions') == 1
+          and not status.get('failedAttempts') and bool(resumed))
+    history = status.get('disruptionHistory') or [{}]
+    return ok, (f'{run.get("metadata", {}).get("name")}: {status.get("phase", "not finished")} after '
+                f'{status.get("disruptions", 0)} disruption ({history[-1].get("reason", "none")}) with '
+                f'backoffLimit 0; attempt 2 resumed at {resumed or "?"}')
 
 
 async def _processes_stopped(sandbox: Sandbox, pods: list[PodInstance]) -> tuple[bool, str]:
@@ -180,7 +213,8 @@ async def _processes_stopped(sandbox: Sandbox, pods: list[PodInstance]) -> tuple
 
 
 def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_name: str, hang_name: str,
-             processes: tuple[bool, str], refused: list[str], seconds: float, table: LiveTable) -> int:
+             processes: tuple[bool, str], refused: list[str], drain: tuple[bool, str], seconds: float,
+             table: LiveTable) -> int:
     cpu_status = (final.get(cpu_name) or {}).get('status') or {}
     gang_status = (final.get(multinode_name) or {}).get('status') or {}
     gang_progress = gang_status.get('progress') or {}
@@ -206,6 +240,7 @@ def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_na
          f'{hang_name}: {hang_status.get("phase", "not finished")}/{hang_status.get("reason", "")}: '
          f'{hang_status.get("message", "")}'),
         (processes_gone, f'{hang_name}: {process_text}'),
+        drain,
         (not refused, 'RBAC: the operator (manifests/rbac) and every trainer (its run\'s own Role) did all this '
                       'with no request refused' if not refused else f'RBAC refused: {"; ".join(refused[:3])}'),
     ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,3 +86,53 @@ async def test_a_pod_recreated_under_its_old_name_is_a_new_instance(tmp_path):
                 assert old.killed and not new.killed and not process_group_gone(new.pid)
             finally:
                 await runner.close()
+
+
+class StubbornRunner(LocalPodRunner):
+    """A process that ignores SIGTERM: the kubelet must SIGKILL it once the grace period is over."""
+
+    def command(self, pod: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+        self.volume_paths(pod)
+        return [sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); '
+                'time.sleep(600)'], dict(os.environ)
+
+
+@pytest.mark.parametrize('runner_class', [SleepingRunner, StubbornRunner], ids=['exits-on-sigterm', 'ignores-it'])
+async def test_a_graceful_deletion_is_sigterm_then_sigkill_after_the_grace_period(tmp_path, runner_class):
+    async with emulated_cluster(tmp_path / 'kubeconfig') as emulator:
+        url = str(emulator.servers[0].url).rstrip('/')
+        runner = runner_class(url, tmp_path / 'kubeconfig', tmp_path, poll_seconds=0.05)
+        manifest = {'apiVersion': 'v1', 'kind': 'Pod',
+                    'metadata': {'name': 'unet-1', 'labels': {'app.kubernetes.io/managed-by': 'trainguard'}},
+                    'spec': {'terminationGracePeriodSeconds': 2, 'containers': [{'name': 'trainer', 'image': 't'}]}}
+        pods = f'{url}/api/v1/namespaces/default/pods'
+        task = asyncio.create_task(runner.run_forever())
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(pods, json=manifest) as response:
+                    assert response.status < 300
+                started = asyncio.get_running_loop().time()
+                while ((await emulator_pod(session, f'{pods}/unet-1') or {}).get('status') or {}).get('phase') \
+                        != 'Running':
+                    assert asyncio.get_running_loop().time() - started < 30, 'the pod never ran'
+                    await asyncio.sleep(0.05)
+                async with session.delete(f'{pods}/unet-1'):   # graceful: the pod is bound to a node
+                    pass
+                (instance,) = runner.instances_of('default', 'unet-1')
+                waited = await runner.wait_stopped([instance], timeout=30)
+                # sleep dies of SIGTERM at once; the stubborn one is SIGKILLed after its 2 s grace.
+                assert instance.killed is (runner_class is StubbornRunner)
+                assert (waited >= 1.5) is (runner_class is StubbornRunner), waited
+                deadline = asyncio.get_running_loop().time() + 10
+                while await emulator_pod(session, f'{pods}/unet-1') is not None:   # then the kubelet removes it
+                    assert asyncio.get_running_loop().time() < deadline, 'the pod object stayed'
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await runner.close()
+
+
+async def emulator_pod(session: aiohttp.ClientSession, url: str) -> dict | None:
+    async with session.get(url) as response:
+        return await response.json() if response.status == 200 else None

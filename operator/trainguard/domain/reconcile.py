@@ -69,6 +69,7 @@ class Plan:
     logs: list[str] = dataclasses.field(default_factory=list)
     heartbeat_problem: str | None = None
     stalled: str | None = None           # StartupTimeout | ProgressTimeout when this plan stops a hung attempt
+    disrupted: str | None = None         # the disruption's reason when this plan records one
 
     @property
     def empty(self) -> bool:
@@ -336,6 +337,7 @@ def _disrupted(attempt: _Attempt) -> bool:
         history.append({'attempt': attempt.number, 'reason': disruption.reason, 'message': disruption.message,
                         'time': format_time(attempt.now)})
         target.update(disruptions=count, disruptionHistory=history[-MAX_DISRUPTION_HISTORY:])
+        plan.disrupted = disruption.reason
         plan.events.append(Event('Warning', 'Disrupted',
                                  f'attempt {attempt.number}: {disruption.reason}: {disruption.message}; not a '
                                  f'failure ({count} of maxDisruptions {attempt.spec.max_disruptions})'))
