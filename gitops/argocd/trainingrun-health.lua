@@ -1,5 +1,5 @@
 -- Argo CD health check for trainguard.io/TrainingRun.
--- Pending/Running -> Progressing, Suspended -> Suspended (spec.suspend, or Kueue),
+-- Pending/Queued/Running -> Progressing, Suspended -> Suspended (spec.suspend, or Kueue),
 -- Succeeded -> Healthy, Failed -> Degraded, with the run's message.
 local hs = {}
 if obj.status == nil or obj.status.phase == nil then
@@ -18,7 +18,7 @@ elseif phase == "Failed" then
   hs.status = "Degraded"
 elseif phase == "Suspended" then
   hs.status = "Suspended"
-elseif phase == "Pending" or phase == "Running" then
+elseif phase == "Pending" or phase == "Queued" or phase == "Running" then
   hs.status = "Progressing"
   if obj.status.progress ~= nil and obj.status.progress.percent ~= nil then
     message = message .. " (" .. tostring(obj.status.progress.percent) .. "%)"

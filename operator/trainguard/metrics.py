@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-PHASES = ('Pending', 'Running', 'Suspended', 'Succeeded', 'Failed')
+PHASES = ('Pending', 'Queued', 'Running', 'Suspended', 'Succeeded', 'Failed')
 
 
 class _RunsByPhase(Collector):

@@ -47,7 +47,7 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp.web
@@ -116,6 +116,8 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     tokens: rbac.Tokens = attrs.field(factory=rbac.Tokens, init=False)
     policy: rbac.Policy = attrs.field(factory=rbac.Policy, init=False)
     refusals: list[tuple[rbac.User, rbac.Attributes, str]] = attrs.field(factory=list, init=False)
+    # Stand-ins for other projects' pod webhooks (a test's Kueue adds its scheduling gate here).
+    pod_create_hooks: list[Callable[[dict[str, Any]], None]] = attrs.field(factory=list, init=False)
 
     async def __aexit__(self, *exc_info: Any) -> Any:
         await self._webhook_clients.close()
@@ -213,6 +215,8 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
                 raise _error(404, 'NotFound', f'pods "{request.name}" not found')
             new = copy.deepcopy(self.objects[key].raw)
             if request.subresource == 'binding':
+                if (new.get('spec') or {}).get('schedulingGates'):
+                    raise _error(409, 'Conflict', f'pod {request.name} has non-empty .spec.schedulingGates')
                 new.setdefault('spec', {})['nodeName'] = (body.get('target') or {}).get('name', '')
             else:
                 status = new.setdefault('status', {})
@@ -329,6 +333,8 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
                 raise _error(refused.code, 'InternalError' if refused.code >= 500 else 'BadRequest',
                              str(refused)) from refused
         self._confirm_no_escalation(_USER.get(), resource.plural or '', request.namespace, obj)
+        if (resource.group, resource.plural) == ('', 'pods') and request.subresource is None:
+            _admit_pod(obj, old, self.pod_create_hooks)
         if crd is None:
             return obj
         admitted, refusals = crd_checks.admit(crd[1], obj, old)
@@ -371,6 +377,8 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
                          f'{request.resource.plural} "{metadata["name"]}" already exists')
         if self._has_status_subresource(request.resource):
             body.pop('status', None)  # the API server ignores status on create
+            if (request.resource.group, request.resource.plural) == ('', 'pods'):
+                _mark_gated(body)
         metadata['uid'] = str(uuid.uuid4())
         metadata['resourceVersion'] = self._next_resource_version()
         metadata['generation'] = 1
@@ -604,6 +612,38 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             result.append(logged)
         result.reverse()
         return result
+
+
+def _admit_pod(obj: dict[str, Any], old: Mapping[str, Any] | None,
+               hooks: Iterable[Callable[[dict[str, Any]], None]]) -> None:
+    """Scheduling gates as kube-apiserver keeps them: set at creation (where other projects'
+    webhooks add theirs), afterwards only removed; a gated pod is marked PodScheduled=False,
+    reason SchedulingGated, and no scheduler (here: no pod runner) takes it until the last goes."""
+    if old is None:
+        for hook in hooks:
+            hook(obj)
+    gates = [gate.get('name') for gate in (obj.get('spec') or {}).get('schedulingGates') or []]
+    if old is not None:
+        before = {gate.get('name') for gate in (old.get('spec') or {}).get('schedulingGates') or []}
+        added = [gate for gate in gates if gate not in before]
+        if added:
+            raise _error(422, 'Invalid', f'Pod "{obj["metadata"].get("name")}" is invalid: spec.schedulingGates: '
+                                         f'Forbidden: only deletion is allowed, but found new scheduling gate '
+                                         f'\'{added[0]}\'')
+    _mark_gated(obj)
+
+
+def _mark_gated(pod: dict[str, Any]) -> None:
+    """PodScheduled=False/SchedulingGated while the pod has gates (the condition goes with the last)."""
+    gated = bool((pod.get('spec') or {}).get('schedulingGates'))
+    status = pod.get('status') or {}
+    conditions = [c for c in status.get('conditions') or [] if not (c.get('type') == 'PodScheduled'
+                                                                     and c.get('reason') == 'SchedulingGated')]
+    if gated:
+        conditions.append({'type': 'PodScheduled', 'status': 'False', 'reason': 'SchedulingGated',
+                           'message': 'Scheduling is blocked due to non-empty scheduling gates'})
+    if conditions != (status.get('conditions') or []):
+        pod['status'] = {**status, 'conditions': conditions}
 
 
 def _grace(request: rendering.Request) -> int | None:

@@ -233,7 +233,8 @@ class LocalPodRunner:
             if pod['metadata'].get('deletionTimestamp'):
                 if uid not in self._terminating:
                     self._terminating[uid] = asyncio.create_task(self._terminate(pod))
-            elif uid not in started and not (pod.get('status') or {}).get('phase'):
+            elif uid not in started and not (pod.get('status') or {}).get('phase') \
+                    and not (pod.get('spec') or {}).get('schedulingGates'):   # a gated pod is not scheduled
                 await self._start(session, pod)
 
     async def _terminate(self, pod: Mapping[str, Any]) -> None:

@@ -5,10 +5,13 @@ Skips cleanly without a Docker engine. In CI it runs in .github/workflows/e2e-ki
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
 
 import pytest
+import yaml
 
 from tests.crd_schema import ROOT
 
@@ -90,3 +93,64 @@ def test_a_frozen_rank_stops_the_whole_gang(installed):
     apply_sample(installed, 'multinode-hang-demo-run.yaml')
     wait_for(installed, 'unet-multinode-hang-demo', '{.status.reason}=ProgressTimeout', '600s')
     wait_pods_gone(installed, 'unet-multinode-hang-demo')   # both ranks' pods
+
+
+KUEUE_VERSION = os.environ.get('KUEUE_VERSION', 'v0.10.1')
+KUEUE_MANIFEST = f'https://github.com/kubernetes-sigs/kueue/releases/download/{KUEUE_VERSION}/manifests.yaml'
+
+
+@pytest.fixture(scope='session')
+def kueue(installed):
+    """Kueue from its release manifest, with the plain-Pod integration on for namespaces
+    labelled kueue-managed=true (it is off by default), and the queues of kueue-queues.yaml."""
+    installed.kubectl('apply', '--server-side', '-f', KUEUE_MANIFEST)
+    installed.kubectl('rollout', 'status', 'deployment/kueue-controller-manager', '-n', 'kueue-system',
+                      '--timeout=300s')
+    config_map = json.loads(installed.kubectl('get', 'configmap', 'kueue-manager-config', '-n', 'kueue-system',
+                                              '-o', 'json'))
+    config = yaml.safe_load(config_map['data']['controller_manager_config.yaml'])
+    frameworks = config.setdefault('integrations', {}).setdefault('frameworks', [])
+    if 'pod' not in frameworks:
+        frameworks.append('pod')
+    config['managedJobsNamespaceSelector'] = {'matchLabels': {'kueue-managed': 'true'}}
+    config_map['data']['controller_manager_config.yaml'] = yaml.safe_dump(config)
+    for key in ('resourceVersion', 'uid', 'creationTimestamp', 'managedFields'):
+        config_map['metadata'].pop(key, None)
+    patched = ROOT / 'out' / 'kueue-manager-config.json'
+    patched.parent.mkdir(exist_ok=True)
+    patched.write_text(json.dumps(config_map))
+    installed.kubectl('apply', '-f', str(patched))
+    installed.kubectl('rollout', 'restart', 'deployment/kueue-controller-manager', '-n', 'kueue-system')
+    installed.kubectl('rollout', 'status', 'deployment/kueue-controller-manager', '-n', 'kueue-system',
+                      '--timeout=300s')
+    installed.kubectl('create', 'namespace', 'ml-queued')
+    installed.kubectl('label', 'namespace', 'ml-queued', 'kueue-managed=true')
+    deadline = time.monotonic() + 120   # the webhook answers a moment after the rollout
+    while True:
+        try:
+            installed.kubectl('apply', '-f', str(ROOT / 'tests' / 'e2e_kind' / 'kueue-queues.yaml'))
+            break
+        except subprocess.CalledProcessError as error:
+            assert time.monotonic() < deadline, error.stderr
+            time.sleep(2)
+    yield installed
+
+
+def test_a_queued_gang_waits_past_its_startup_timeout_then_trains_once_admitted(kueue):
+    kueue.kubectl('apply', '-n', 'ml-queued', '-f', str(ROOT / 'manifests' / 'samples' / 'queued-multinode-run.yaml'))
+    kueue.kubectl('wait', 'trainingrun/unet-queued', '-n', 'ml-queued', '--for=jsonpath={.status.phase}=Queued',
+                  '--timeout=300s')
+    held_until = time.monotonic() + 60   # twice its startupTimeoutSeconds (30): the quota holds it
+    while time.monotonic() < held_until:
+        assert kueue.kubectl('get', 'tr', 'unet-queued', '-n', 'ml-queued', '-o',
+                             'jsonpath={.status.phase}').strip() == 'Queued'
+        time.sleep(5)
+    groups = kueue.kubectl('get', 'pods', '-n', 'ml-queued', '-o',
+                           'jsonpath={.items[*].metadata.labels.kueue\\.x-k8s\\.io/pod-group-name}').split()
+    assert groups == ['unet-queued-1', 'unet-queued-1']
+    kueue.kubectl('patch', 'clusterqueue', 'trainguard', '--type=json', '-p', json.dumps([
+        {'op': 'replace', 'path': '/spec/resourceGroups/0/flavors/0/resources/0/nominalQuota', 'value': '4'}]))
+    kueue.kubectl('wait', 'trainingrun/unet-queued', '-n', 'ml-queued', '--for=jsonpath={.status.phase}=Succeeded',
+                  '--timeout=900s')
+    assert kueue.kubectl('get', 'tr', 'unet-queued', '-n', 'ml-queued', '-o',
+                         'jsonpath={.status.attempts}').strip() == '1'

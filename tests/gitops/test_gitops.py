@@ -41,7 +41,9 @@ def _to_lua(runtime: lupa.LuaRuntime, value: Any) -> Any:
      {'status': 'Suspended', 'message': 'Suspended: suspended: no trainer pod runs'}),
     ({'phase': 'Running', 'reason': 'Disrupted', 'message': 'attempt 1 was disrupted'},
      {'status': 'Progressing', 'message': 'Disrupted: attempt 1 was disrupted'}),
-], ids=['no-status', 'pending', 'running', 'succeeded', 'failed', 'suspended', 'disrupted'])
+    ({'phase': 'Queued', 'reason': 'Queued', 'message': 'waiting for admission (queue team-a)'},
+     {'status': 'Progressing', 'message': 'Queued: waiting for admission (queue team-a)'}),
+], ids=['no-status', 'pending', 'running', 'succeeded', 'failed', 'suspended', 'disrupted', 'queued'])
 def test_argocd_health(status, expected):
     obj = {'apiVersion': 'trainguard.io/v1alpha1', 'kind': 'TrainingRun', 'metadata': {'name': 'unet'}}
     if status is not None:

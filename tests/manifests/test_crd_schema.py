@@ -78,6 +78,13 @@ MALFORMED = [
     ('backoff-negative', run(backoffLimit=-1), 'spec.backoffLimit'),
     ('backoff-huge', run(backoffLimit=11), 'spec.backoffLimit'),
     ('image-too-long', run(image='x' * 600), 'spec.image'),
+    ('max-disruptions-negative', run(maxDisruptions=-1), 'spec.maxDisruptions'),
+    ('grace-zero', run(terminationGracePeriodSeconds=0), 'spec.terminationGracePeriodSeconds'),
+    ('checkpoint-interval-negative', run(checkpointIntervalSeconds=-5), 'spec.checkpointIntervalSeconds'),
+    ('suspend-string', run(suspend='yes'), 'spec.suspend'),
+    ('deadline-zero', run(activeDeadlineSeconds=0), 'spec.activeDeadlineSeconds'),
+    ('queue-name-spaces', run(queueName='team a'), 'spec.queueName'),
+    ('queue-name-too-long', run(queueName='q' * 64), 'spec.queueName'),
 ]
 
 

@@ -65,3 +65,29 @@ async def test_an_eviction_marks_the_pod_and_deletes_it_gracefully(api):
     assert evicted['metadata']['deletionGracePeriodSeconds'] == 45
     missing = f'/api/v1/namespaces/{NAMESPACE}/pods/missing/eviction'
     assert await post(api, missing, {'metadata': {'name': 'missing'}}) == 404
+
+
+GATE = 'kueue.x-k8s.io/admission'
+
+
+async def test_scheduling_gates_hold_a_pod_and_can_only_be_removed(api):
+    gated = {**POD, 'spec': {**POD['spec'], 'schedulingGates': [{'name': GATE}]}}
+    created = await api.create(gated, resource=PODS)
+    condition = next(c for c in created['status']['conditions'] if c['type'] == 'PodScheduled')
+    assert (condition['status'], condition['reason']) == ('False', 'SchedulingGated')
+    assert await post(api, f'{BASE}/binding', {'apiVersion': 'v1', 'kind': 'Binding', 'metadata': {'name': 'p'},
+                                               'target': {'kind': 'Node', 'name': 'n1'}}) == 409
+    async with api.emulator.patch(BASE, json={'spec': {'schedulingGates': [{'name': GATE}, {'name': 'other/gate'}]}},
+                                  headers={'Content-Type': 'application/merge-patch+json'}) as response:
+        assert response.status == 422 and 'only deletion is allowed' in (await response.json())['message']
+    released = await api.patch('p', {'spec': {'schedulingGates': None}}, resource=PODS)
+    assert not released['spec'].get('schedulingGates')
+    assert not [c for c in released.get('status', {}).get('conditions') or [] if c.get('reason') == 'SchedulingGated']
+    await bind(api)   # now a scheduler may place it
+
+
+async def test_a_pod_webhook_stand_in_adds_its_gate_at_creation(api, cluster):
+    cluster.pod_create_hooks.append(
+        lambda pod: pod['spec'].setdefault('schedulingGates', []).append({'name': GATE}))
+    created = await api.create(POD, resource=PODS)
+    assert created['spec']['schedulingGates'] == [{'name': GATE}]

@@ -50,6 +50,10 @@ CASES = {
     'pod-2node-rank1': lambda: gang_pod(1),
     'pod-2node-gpu-rank1': lambda: gang_pod(1, gpus=4),
     'pod-1node-2gpu': single_node_two_gpu_pod,
+    'pod-queued': lambda: builders.build_pod(RUN, parse_spec({'queueName': 'team-a'}),
+                                             parse_spec({}).hyperparameters, 1, SETTINGS),
+    'pod-2node-queued-rank0': lambda: gang_pod(0, queueName='team-a'),
+    'pod-2node-queued-rank1': lambda: gang_pod(1, queueName='team-a'),
     'service': lambda: builders.build_service(RUN),
     'serviceaccount': lambda: builders.build_service_account(RUN),
     'role': lambda: builders.build_role(RUN),
@@ -133,3 +137,15 @@ def test_only_distributed_pods_use_torchrun():
     assert volumes['output'] == {'name': 'output', 'emptyDir': {}}
     assert {v['name']: v for v in gang_pod(0)['spec']['volumes']}['output']['persistentVolumeClaim'] == {
         'claimName': 'out'}
+
+
+def test_a_gang_is_one_kueue_pod_group_per_attempt():
+    members = [gang_pod(rank, queueName='team-a') for rank in (0, 1)]
+    groups = {(pod['metadata']['labels']['kueue.x-k8s.io/pod-group-name'],
+               pod['metadata']['annotations']['kueue.x-k8s.io/pod-group-total-count']) for pod in members}
+    assert groups == {('unet-cpu-3', '2')}
+    assert all(pod['metadata']['ownerReferences'][0]['kind'] == 'TrainingRun' for pod in members)
+    unqueued = gang_pod(0)['metadata']
+    assert 'kueue.x-k8s.io/queue-name' not in unqueued['labels'] and 'annotations' not in unqueued
+    assert builders.pod_group_name('r' * 80, 12) == builders.dns_label('r' * 80 + '-12')
+    assert len(builders.pod_group_name('r' * 80, 12)) <= 63

@@ -66,7 +66,7 @@ def test_situations(stored, observed, phase, reason, deleted, attempts):
 
 def test_every_situation_is_in_the_table():
     assert [situation.__name__ for situation in machine.SITUATIONS] == [
-        '_suspended', '_resumed', '_past_deadline', '_disrupted', '_pods_gone', '_succeeded', '_failed',
+        '_suspended', '_resumed', '_queued', '_past_deadline', '_disrupted', '_pods_gone', '_succeeded', '_failed',
         '_starting_or_running', '_heartbeat', '_stalled']
 
 
@@ -132,3 +132,30 @@ def test_a_run_created_suspended_starts_nothing():
     plan = machine.reconcile(stored, PodAbsence.UNKNOWN, NOW, machine.Settings())
     assert plan.children == [] and plan.status_patch['phase'] == 'Suspended'
     assert {c['type']: c['status'] for c in plan.status_patch['conditions']}['Suspended'] == 'True'
+
+
+GATED = PodState('Pending', 'SchedulingGated', 'held by scheduling gate kueue.x-k8s.io/admission',
+                 gates=('kueue.x-k8s.io/admission',))
+
+
+@pytest.mark.parametrize(('stored', 'observed', 'expected'), [
+    (with_spec(run(nodes=2, phase='Pending', attemptStartTime=None, attemptCreationTime=OLD, **ACTIVE),
+               queueName='team-a', activeDeadlineSeconds=60), gang(GATED, GATED),
+     {'phase': 'Queued', 'reason': 'Queued', 'attemptCreationTime': None, 'activeSince': None,
+      'activeSeconds': 630}),
+    (with_spec(run(phase='Pending', attemptStartTime=None), queueName='team-a'), GATED,
+     {'phase': 'Queued', 'attempts': 1}),
+    (with_spec(run(nodes=2, phase='Queued', reason='Queued', attemptStartTime=None, attemptCreationTime=None,
+                   activeSince=None, activeSeconds=30), queueName='team-a', activeDeadlineSeconds=60),
+     gang(PENDING, PENDING),
+     {'phase': 'Pending', 'attemptCreationTime': '2026-11-27T12:00:00Z', 'activeSince': '2026-11-27T12:00:00Z'}),
+    (with_spec(run(nodes=2, phase='Queued', reason='Queued', attemptStartTime=None, attemptCreationTime=None),
+               queueName='team-a'), gang(RUNNING, RUNNING), {'phase': 'Running', 'reason': 'Training'}),
+], ids=['gang-held-long-past-every-clock', 'single-held', 'admitted-clocks-start', 'admitted-and-running'])
+def test_queued_situations(stored, observed, expected):
+    plan = machine.reconcile(stored, observed, NOW, machine.Settings())
+    after = {**stored['status'], **(plan.status_patch or {})}
+    assert {key: after.get(key) for key in expected} == expected
+    assert plan.delete_pods == [] and plan.stop_pods == []
+    if after['phase'] == 'Queued':
+        assert 'queue team-a' in after['message'] and 'kueue.x-k8s.io/admission' in after['message']

@@ -39,6 +39,12 @@ def test_defaults_match_the_crd():
     ({'tolerations': 'all'}, 'spec.tolerations'),
     ({'progressTimeoutSeconds': 1}, 'spec.progressTimeoutSeconds'),
     ({'backoffLimit': 99}, 'spec.backoffLimit'),
+    ({'maxDisruptions': -1}, 'spec.maxDisruptions'),
+    ({'terminationGracePeriodSeconds': 0}, 'spec.terminationGracePeriodSeconds'),
+    ({'suspend': 'yes'}, 'spec.suspend'),
+    ({'activeDeadlineSeconds': 0}, 'spec.activeDeadlineSeconds'),
+    ({'queueName': 'team a'}, 'spec.queueName'),
+    ({'queueName': '-team'}, 'spec.queueName'),
 ], ids=lambda value: str(value)[:40])
 def test_invalid_specs_name_the_field(spec, field):
     with pytest.raises(SpecError) as error:

@@ -19,6 +19,11 @@ KIND = 'TrainingRun'
 RUN_LABEL = 'trainguard.io/run'
 ATTEMPT_LABEL = 'trainguard.io/attempt'
 RANK_LABEL = 'trainguard.io/rank'      # node rank within a multi-node attempt
+# Kueue's plain-Pod integration: the queue to wait in, and for a gang, one pod group admitted
+# (and preempted) as a whole.
+QUEUE_LABEL = 'kueue.x-k8s.io/queue-name'
+POD_GROUP_LABEL = 'kueue.x-k8s.io/pod-group-name'
+POD_GROUP_COUNT_ANNOTATION = 'kueue.x-k8s.io/pod-group-total-count'
 MASTER_PORT = 29500                    # torchrun's default rendezvous port, on rank 0's pod
 MANAGED_BY = 'trainguard'
 TRAINER_UID = 10001
@@ -83,6 +88,11 @@ def service_name(run_name: str) -> str:
 
 def pod_hostname(run_name: str, attempt: int, rank: int) -> str:
     return dns_label(f'{run_name}-{attempt}-{rank}')
+
+
+def pod_group_name(run_name: str, attempt: int) -> str:
+    """One Kueue pod group per attempt (a label value: a DNS label, shortened with a hash if long)."""
+    return dns_label(f'{run_name}-{attempt}')
 
 
 def master_address(run_name: str, attempt: int) -> str:
@@ -253,6 +263,11 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
     metadata['labels'][ATTEMPT_LABEL] = str(attempt)
     if multi_node:
         metadata['labels'][RANK_LABEL] = str(rank)
+    if spec.queue_name:
+        metadata['labels'][QUEUE_LABEL] = spec.queue_name
+        if multi_node:   # identical on every member: Kueue admits the gang whole or not at all
+            metadata['labels'][POD_GROUP_LABEL] = pod_group_name(run.name, attempt)
+            metadata['annotations'] = {POD_GROUP_COUNT_ANNOTATION: str(spec.num_nodes)}
     env = [
         {'name': 'TRAINGUARD_RUN_NAME', 'value': run.name},
         {'name': 'TRAINGUARD_RUN_NAMESPACE', 'value': run.namespace},

@@ -50,6 +50,8 @@ class GangSummary:
     live: tuple[str, ...]  # members that may still hold a node: delete these to stop the attempt
     stopping: tuple[str, ...] = ()  # live members whose deletion was already requested (grace period)
     disruption: Disruption | None = None  # the cluster took a member: the attempt ends, not by its fault
+    gated: int = 0                 # members held by a scheduling gate (a queue has not admitted them)
+    gates: tuple[str, ...] = ()    # the gates' names
 
     @property
     def nodes(self) -> str:
@@ -75,7 +77,9 @@ def summarize(gang: Gang) -> GangSummary:
     if disrupted is not None:
         rank, name, view = disrupted
         disruption = Disruption(view.disruption, f'{_label(rank, name, total)}: {view.message}')
-    return GangSummary(_state(members), running, total, live, stopping, disruption)
+    held = [view for _, view in members if isinstance(view, PodState) and view.gates]
+    gates = tuple(dict.fromkeys(gate for view in held for gate in view.gates))
+    return GangSummary(_state(members), running, total, live, stopping, disruption, len(held), gates)
 
 
 def _label(rank: int, name: str, total: int) -> str:

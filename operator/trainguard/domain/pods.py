@@ -47,6 +47,7 @@ class PodState:
     message: str = ''
     disruption: str = ''  # why the cluster took the pod (a DISRUPTION_REASONS key, or a Kueue reason); '' if not
     terminating: bool = False  # deletion requested, the trainer has its grace period to save and exit
+    gates: tuple[str, ...] = ()  # scheduling gates holding it (Kueue's kueue.x-k8s.io/admission: queued)
 
 
 def disruption_of(pod: Mapping[str, Any]) -> tuple[str, str]:
@@ -108,6 +109,9 @@ def _observe(pod: Mapping[str, Any]) -> PodState:
         return PodState('Succeeded', 'Completed', 'training finished')
     if phase == 'Running':
         return PodState('Running', 'Training', 'the trainer is running')
+    gates = tuple(str(gate.get('name', '')) for gate in (pod.get('spec') or {}).get('schedulingGates') or [])
+    if phase == 'Pending' and gates:   # no scheduler looks at it before every gate is removed
+        return PodState('Pending', 'SchedulingGated', f'held by scheduling gate {", ".join(gates)}', gates=gates)
     if waiting.get('reason') in WAITING_REASONS_WORTH_REPORTING:
         return PodState('Pending', waiting['reason'], waiting.get('message') or waiting['reason'])
     for condition in status.get('conditions') or []:

@@ -100,6 +100,9 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
         _finish(target, 'Failed', 'InvalidSpec', f'the spec is invalid: {error}', now)
         return _conclude(plan, status, target, now)
 
+    queue = (metadata.get('labels') or {}).get(builders.QUEUE_LABEL, '')
+    if queue and not spec.queue_name:   # the run's own Kueue label names the queue too
+        spec = dataclasses.replace(spec, queue_name=queue)
     annotations = metadata.get('annotations') or {}
     rewrite = plan_rewrite(spec, (run.get('spec') or {}).get('hyperparameters') or {}, annotations, settings.limits)
     plan.spec_patch = rewrite.spec_patch
@@ -224,6 +227,10 @@ def _starting_or_running(attempt: _Attempt) -> bool:
     state, target, status = attempt.state, attempt.target, attempt.status
     if not isinstance(state, PodState):
         return False
+    if status.get('phase') == 'Queued':   # admitted: the clocks run from now
+        _activate(target, status, attempt.now)
+        if attempt.spec.num_nodes > 1:
+            target['attemptCreationTime'] = format_time(attempt.now)
     if state.phase == 'Running':
         target.update(phase='Running', reason='Training', message=f'training in {attempt.where}')
         if not status.get('attemptStartTime'):
@@ -302,6 +309,22 @@ def _resumed(attempt: _Attempt) -> bool:
     return True
 
 
+def _queued(attempt: _Attempt) -> bool:
+    """Pods held by a scheduling gate (Kueue's, until the queue admits the workload): the run
+    waits in Queued with no startup clock and no deadline running."""
+    summary = attempt.summary
+    if not summary.gated or summary.disruption is not None:
+        return False
+    target = attempt.target
+    queue = f'queue {attempt.spec.queue_name}' if attempt.spec.queue_name else 'no queue named'
+    target.update(phase='Queued', reason='Queued',
+                  message=f'waiting for admission ({queue}): {summary.gated}/{summary.total} trainer pod(s) held by '
+                          f'scheduling gate {", ".join(summary.gates)}',
+                  attemptCreationTime=None)   # a gang's startup clock starts once it is admitted
+    _deactivate(target, attempt.status, attempt.now)
+    return True
+
+
 def _past_deadline(attempt: _Attempt) -> bool:
     """spec.activeDeadlineSeconds: active time (pending included, suspended excluded) is up."""
     deadline = attempt.spec.active_deadline_seconds
@@ -361,8 +384,8 @@ def _disrupted(attempt: _Attempt) -> bool:
 
 
 SITUATIONS: tuple[Callable[[_Attempt], bool], ...] = (
-    _suspended, _resumed, _past_deadline, _disrupted, _pods_gone, _succeeded, _failed, _starting_or_running,
-    _heartbeat, _stalled)
+    _suspended, _resumed, _queued, _past_deadline, _disrupted, _pods_gone, _succeeded, _failed,
+    _starting_or_running, _heartbeat, _stalled)
 MAX_DISRUPTION_HISTORY = 20
 
 
@@ -494,7 +517,7 @@ def conditions(phase: str, reason: str, message: str, generation: int,
     """Ready follows kstatus (True only when Succeeded), so Flux and Argo CD read health from it."""
     truth = {
         'Ready': phase == 'Succeeded',
-        'Progressing': phase in ('Pending', 'Running'),
+        'Progressing': phase in ('Pending', 'Running', 'Queued'),
         'Stalled': phase == 'Failed',
         'Suspended': phase == 'Suspended',   # Job's condition type: Argo CD and kstatus read it as suspended
     }

@@ -9,10 +9,12 @@ crashing a handler.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 GPU_RESOURCES = ('nvidia.com/gpu', 'amd.com/gpu')
+_LABEL_VALUE = re.compile(r'(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?')
 
 # The CRD's defaults, repeated for runs stored before a default existed; a unit test keeps
 # them equal to manifests/crd (tests/unit/test_spec.py::test_defaults_match_the_crd).
@@ -88,6 +90,7 @@ class RunSpec:
     termination_grace_period_seconds: int = 60  # SIGTERM to SIGKILL: the trainer's time to save and exit
     suspend: bool = False         # Job's convention (what Kueue sets): no pods while true
     active_deadline_seconds: int | None = None  # active wall-clock time allowed (suspended time excluded)
+    queue_name: str = ''          # Kueue LocalQueue (spec.queueName, or the run's kueue.x-k8s.io/queue-name label)
 
 
 def _int(raw: Mapping[str, Any], key: str, field: str, default: int, low: int, high: int) -> int:
@@ -222,4 +225,14 @@ def parse_spec(raw: Mapping[str, Any]) -> RunSpec:
         suspend=_bool(raw, 'suspend', 'spec', False),
         active_deadline_seconds=(_int(raw, 'activeDeadlineSeconds', 'spec', 0, 1, 31_536_000)
                                  if raw.get('activeDeadlineSeconds') is not None else None),
+        queue_name=_queue_name(raw),
     )
+
+
+def _queue_name(raw: Mapping[str, Any]) -> str:
+    """A LocalQueue's name goes into a label value: at most 63 characters of [a-z0-9.-_]."""
+    value = _str(raw, 'queueName', 'spec', '')
+    if value and not _LABEL_VALUE.fullmatch(value):
+        raise SpecError('spec.queueName', f'must be a valid label value (at most 63 letters, digits, "-", "_", "."'
+                                          f' starting and ending alphanumeric), got {value!r}')
+    return value

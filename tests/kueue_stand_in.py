@@ -1,0 +1,32 @@
+"""What Kueue's plain-Pod integration does to trainguard's pods, for tests without Kueue.
+
+Kueue's pod webhook adds the scheduling gate ``kueue.x-k8s.io/admission`` to every pod that
+names a queue (label ``kueue.x-k8s.io/queue-name``) in a namespace it manages; admitting the
+workload (a pod group admitted whole) removes the gate from every pod; preempting it sets
+``TerminationTarget=True`` on every pod of the group and deletes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GATE = 'kueue.x-k8s.io/admission'
+QUEUE_LABEL = 'kueue.x-k8s.io/queue-name'
+
+
+def gate_queued_pods(pod: dict[str, Any]) -> None:
+    """The pod webhook (register with ``emulator.pod_create_hooks.append``)."""
+    labels = (pod.get('metadata') or {}).get('labels') or {}
+    if QUEUE_LABEL in labels:
+        pod.setdefault('spec', {}).setdefault('schedulingGates', []).append({'name': GATE})
+        labels['kueue.x-k8s.io/managed'] = 'true'
+
+
+def admission_patch() -> dict[str, Any]:
+    """Admitted: the gate goes (merge patch; Kueue removes only its own, and trainguard sets none)."""
+    return {'spec': {'schedulingGates': None}}
+
+
+def preemption_status() -> dict[str, Any]:
+    return {'status': {'conditions': [{'type': 'TerminationTarget', 'status': 'True', 'reason': 'Preempted',
+                                       'message': 'Preempted to accommodate a higher priority Workload'}]}}
