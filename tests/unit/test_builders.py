@@ -142,8 +142,9 @@ def test_only_distributed_pods_use_torchrun():
 def test_a_gang_is_one_kueue_pod_group_per_attempt():
     members = [gang_pod(rank, queueName='team-a') for rank in (0, 1)]
     groups = {(pod['metadata']['labels']['kueue.x-k8s.io/pod-group-name'],
-               pod['metadata']['annotations']['kueue.x-k8s.io/pod-group-total-count']) for pod in members}
-    assert groups == {('unet-cpu-3', '2')}
+               pod['metadata']['annotations']['kueue.x-k8s.io/pod-group-total-count'],
+               pod['metadata']['annotations']['kueue.x-k8s.io/retriable-in-group']) for pod in members}
+    assert groups == {('unet-cpu-3', '2', 'false')}
     assert all(pod['metadata']['ownerReferences'][0]['kind'] == 'TrainingRun' for pod in members)
     unqueued = gang_pod(0)['metadata']
     assert 'kueue.x-k8s.io/queue-name' not in unqueued['labels'] and 'annotations' not in unqueued

@@ -24,6 +24,9 @@ RANK_LABEL = 'trainguard.io/rank'      # node rank within a multi-node attempt
 QUEUE_LABEL = 'kueue.x-k8s.io/queue-name'
 POD_GROUP_LABEL = 'kueue.x-k8s.io/pod-group-name'
 POD_GROUP_COUNT_ANNOTATION = 'kueue.x-k8s.io/pod-group-total-count'
+# A group is never retried in place (a new attempt is a new group), so a failed member ends it
+# and Kueue releases its quota instead of waiting for a replacement pod.
+RETRIABLE_IN_GROUP_ANNOTATION = 'kueue.x-k8s.io/retriable-in-group'
 MASTER_PORT = 29500                    # torchrun's default rendezvous port, on rank 0's pod
 MANAGED_BY = 'trainguard'
 TRAINER_UID = 10001
@@ -267,7 +270,8 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
         metadata['labels'][QUEUE_LABEL] = spec.queue_name
         if multi_node:   # identical on every member: Kueue admits the gang whole or not at all
             metadata['labels'][POD_GROUP_LABEL] = pod_group_name(run.name, attempt)
-            metadata['annotations'] = {POD_GROUP_COUNT_ANNOTATION: str(spec.num_nodes)}
+            metadata['annotations'] = {POD_GROUP_COUNT_ANNOTATION: str(spec.num_nodes),
+                                       RETRIABLE_IN_GROUP_ANNOTATION: 'false'}
     env = [
         {'name': 'TRAINGUARD_RUN_NAME', 'value': run.name},
         {'name': 'TRAINGUARD_RUN_NAMESPACE', 'value': run.namespace},
