@@ -6,20 +6,13 @@ reconcile decides: the run's phase and reason, the pods it deletes, the attempt 
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
 
+from tests.unit.test_gang import DONE, NOW, OOM, PENDING, RUNNING, UNSCHEDULABLE
 from trainguard.domain import reconcile as machine
 from trainguard.domain.gang import Gang, PodAbsence
 from trainguard.domain.pods import PodState
 
-NOW = datetime.datetime(2026, 11, 27, 12, 0, tzinfo=datetime.UTC)
-RUNNING = PodState('Running', 'Training', 'the trainer is running')
-PENDING = PodState('Pending', 'PodPending', 'waiting for the trainer pod to start')
-UNSCHEDULABLE = PodState('Pending', 'Unschedulable', '0/3 nodes are available')
-OOM = PodState('Failed', 'OOMKilled', 'the trainer ran out of memory and was killed')
-DONE = PodState('Succeeded', 'Completed', 'training finished')
 FRESH = '2026-11-27T11:59:30Z'   # within every timeout below
 OLD = '2026-11-27T11:50:00Z'     # past progressTimeoutSeconds 60 and startupTimeoutSeconds 120
 
