@@ -149,37 +149,3 @@ def test_due_for_sweep(status, spec, after, resync, due):
 
     run = {'status': status, 'spec': spec}
     assert due_for_sweep(run, T0 + datetime.timedelta(seconds=after), resync=resync) is due
-
-
-@pytest.mark.parametrize(('payload', 'activity', 'percent'), [
-    ({'phase': 'Starting', 'epoch': 0, 'epochs': 2, 'step': 0, 'steps': 0}, 'Starting', 0),
-    ({'phase': 'PreparingData', 'epoch': 0, 'epochs': 2, 'step': 0, 'steps': 0, 'done': 340, 'total': 1000},
-     'PreparingData 340/1000', 0),
-    ({'phase': 'Validating', 'epoch': 1, 'epochs': 2, 'step': 0, 'steps': 16, 'done': 3, 'total': 10},
-     'Validating 3/10', 0),
-    ({'phase': 'Training', 'epoch': 2, 'epochs': 2, 'step': 8, 'steps': 16, 'loss': 0.4}, 'Training', 75),
-    ({'epoch': 2, 'epochs': 2, 'step': 8, 'steps': 16, 'loss': 0.4}, 'Training', 75),   # an older trainer
-], ids=['starting', 'preparing', 'validating', 'training', 'no-phase'])
-def test_every_phase_is_a_heartbeat(payload, activity, percent):
-    beat = parse_heartbeat(json.dumps({**payload, 'time': '2026-11-25T12:00:00Z'}))
-    assert isinstance(beat, Heartbeat) and beat.activity == activity and beat.percent == percent
-    status = beat.to_status(T0)
-    assert status.get('activity') == (activity if 'phase' in payload else None)
-    assert status['lastProgressTime'] == '2026-11-25T12:00:00Z'
-
-
-@pytest.mark.parametrize('payload', [
-    {'phase': 'Sleeping', 'epoch': 1, 'epochs': 2, 'step': 1, 'steps': 4},
-    {'phase': 'Training', 'epoch': 0, 'epochs': 2, 'step': 0, 'steps': 4},     # training has an epoch
-    {'phase': 'PreparingData', 'epoch': 0, 'epochs': 2, 'step': 0, 'steps': 0, 'done': -1, 'total': 9},
-], ids=['unknown-phase', 'training-without-epoch', 'negative-done'])
-def test_malformed_phase_beats_return_a_reason(payload):
-    assert isinstance(parse_heartbeat(json.dumps(payload)), str)
-
-
-def test_silence_in_a_phase_is_named_in_the_timeout():
-    status = running(progress={'lastProgressTime': '2026-11-25T12:00:00Z', 'phase': 'PreparingData',
-                               'done': 340, 'total': 1000, 'epoch': 0, 'epochs': 2, 'step': 0, 'steps': 0})
-    result = judge_stall(status, T0 + datetime.timedelta(seconds=400), progress_timeout=300, startup_timeout=600)
-    assert isinstance(result, Stalled) and result.reason == 'ProgressTimeout'
-    assert result.message == 'no progress for 400s (last: hung in PreparingData (340/1000))'

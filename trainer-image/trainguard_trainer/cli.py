@@ -149,14 +149,6 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', stream=sys.stdout)
     config = parse_config(list(sys.argv[1:] if argv is None else argv), os.environ)
-    sender = None
-    if config.run_name and os.environ.get('RANK', '0') == '0':   # rank 0 beats for a gang
-        import datetime
-
-        from trainguard_trainer.heartbeat import KubernetesSender, send_starting
-
-        sender = KubernetesSender(config.run_name, config.run_namespace)
-        send_starting(sender, config.epochs, datetime.datetime.now(datetime.UTC))
     from trainguard_trainer.startup import seed_matplotlib_cache
 
     seed_matplotlib_cache(os.environ)  # before MONAI's import pulls in matplotlib
@@ -166,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainguard_trainer.train import train  # imported after parsing: --help and bad flags stay fast
 
     try:
-        train(config, sender=sender)
+        train(config)
     except DatasetError as error:
         logging.getLogger('trainguard_trainer').error('dataset: %s', error)
         return EXIT_DATASET

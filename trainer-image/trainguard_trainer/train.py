@@ -65,27 +65,12 @@ def _samplers(cluster: distributed.Cluster, train_set: Any, val_set: Any,
                                shuffle=False))
 
 
-class _CacheWithProgress(CacheDataset):
-    """MONAI's CacheDataset, saying how far the cache fill is (one call per item cached)."""
-
-    def __init__(self, *args: Any, on_item: data.Progress, **kwargs: Any) -> None:
-        self._on_item, self._cached = on_item, 0
-        super().__init__(*args, **kwargs)
-
-    def _load_cache_item(self, idx: int) -> Any:
-        item = super()._load_cache_item(idx)
-        self._cached += 1
-        self._on_item(self._cached, len(self.data))
-        return item
-
-
 def _loaders(config: TrainerConfig, num_workers: int, device: str,
-             cluster: distributed.Cluster = distributed.SINGLE,
-             progress: data.Progress = data._no_progress) -> tuple[DataLoader, DataLoader]:
+             cluster: distributed.Cluster = distributed.SINGLE) -> tuple[DataLoader, DataLoader]:
     if config.dataset == 'directory':
         items, from_files = data.directory_items(config.data_dir), True
     else:
-        items, from_files = data.synthetic_items(config.num_samples, config.resolution, config.seed, progress), False
+        items, from_files = data.synthetic_items(config.num_samples, config.resolution, config.seed), False
     train_items, val_items = data.split(items, config.validation_fraction, config.seed)
     gpu_free = torch.cuda.mem_get_info()[0] if device == 'cuda' else None
     path, note = guards.choose_data_path(device, config.data_path, data.dataset_bytes(len(items), config.resolution),
@@ -105,9 +90,8 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str,
                            pin_memory=pin),
                 DataLoader(val_set, batch_size=config.batch_size, sampler=val_sampler, num_workers=0, pin_memory=pin))
     cache_device = 'cuda' if path == 'gpu-cache' else 'cpu'
-    train_set = _CacheWithProgress(train_items, data.cached_transforms(config.resolution, config.crop_size,
-                                                                       from_files, True, cache_device),
-                                   on_item=progress, progress=False)
+    train_set = CacheDataset(train_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
+                                                                 True, cache_device), progress=False)
     val_set = CacheDataset(val_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
                                                              False, cache_device), progress=False)
     train_sampler, val_sampler = _samplers(cluster, train_set, val_set, config.seed)
@@ -139,8 +123,7 @@ def _system_line(stop: threading.Event, seconds: float) -> None:
 
 
 def _evaluate(model: torch.nn.Module, loader: DataLoader, device: str,
-              cluster: distributed.Cluster = distributed.SINGLE,
-              progress: data.Progress = data._no_progress) -> float:
+              cluster: distributed.Cluster = distributed.SINGLE) -> float:
     """Mean Dice over the validation set; each rank scores its part and the sums are combined."""
     metric = DiceMetric(include_background=True, reduction='sum', get_not_nans=True)
     model.eval()
@@ -150,7 +133,6 @@ def _evaluate(model: torch.nn.Module, loader: DataLoader, device: str,
             prediction = (torch.sigmoid(model(batch['image'].to(device))) > 0.5).float()
             metric(y_pred=prediction, y=batch['label'].to(device))
             batches += 1
-            progress(batches, len(loader))
     model.train()
     total, counted = (float(value.item()) for value in metric.aggregate()) if batches else (0.0, 0.0)
     total, counted = distributed.all_sum(cluster, [total, counted], device)
@@ -248,12 +230,7 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
                         output_dir=config.output_dir, attempt=config.attempt,
                         context=(f'rank {cluster.rank} of {cluster.world_size}, DistributedDataParallel: '
                                  'every step waits for all ranks' if cluster.distributed else ''))
-    heartbeat.activity('Starting', epochs=config.epochs)   # the CLI beat once already, before the imports
-
-    def preparing(done: int, total: int) -> None:
-        heartbeat.activity('PreparingData', epochs=config.epochs, done=done, total=total)
-
-    train_loader, val_loader = _loaders(config, decision.num_workers, decision.device, cluster, preparing)
+    train_loader, val_loader = _loaders(config, decision.num_workers, decision.device, cluster)
     model = build_model(config).to(decision.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     loss_function = DiceLoss(sigmoid=True)
@@ -290,7 +267,6 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
     def save(epoch: int, step: int, seen: float = 0.0, loss_sum: float = 0.0) -> None:
         """Rank 0 writes; ``step`` 0 means the epoch is complete. A collective: every rank calls it."""
         seen, loss_sum = distributed.all_sum(cluster, [seen, loss_sum], decision.device)
-        heartbeat.activity('Checkpointing', epochs=config.epochs, epoch=epoch, steps=steps_per_epoch)
         if cluster.main:
             config.output_dir.mkdir(parents=True, exist_ok=True)
             partial = checkpoint_path.with_suffix('.partial')
@@ -346,12 +322,7 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
                     _hang_forever(total_steps)
             seconds = clock() - epoch_start
             seen, loss_sum = distributed.all_sum(cluster, [seen + before[0], loss_sum + before[1]], decision.device)
-            def validating(done: int, total: int, epoch: int = epoch) -> None:
-                heartbeat.activity('Validating', epochs=config.epochs, epoch=epoch, steps=steps_per_epoch, done=done,
-                                   total=total)
-                watchdog.step()   # a batch validated is progress too: no stall report for a long validation
-
-            val_dice = _evaluate(model, val_loader, decision.device, cluster, validating)
+            val_dice = _evaluate(model, val_loader, decision.device, cluster)
             row = {'epoch': epoch, 'train_loss': round(loss_sum / max(seen, 1), 6), 'val_dice': round(val_dice, 6),
                    'seconds': round(seconds, 3), 'samples_per_second': round(seen / max(seconds, 1e-9), 3)}
             history.append(row)

@@ -14,9 +14,6 @@ import math
 from typing import Any
 
 PROGRESS_ANNOTATION = 'trainguard.io/progress'
-# What the trainer is doing; every phase beats on real progress (an item cached, a batch
-# validated), so silence in any phase is a hang. Older trainers send no phase: Training.
-PHASES = ('Starting', 'PreparingData', 'Training', 'Validating', 'Checkpointing')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,24 +26,11 @@ class Heartbeat:
     samples_per_second: float | None
     time: str
     world_size: int | None = None   # training processes in the run; absent from older trainers
-    phase: str | None = None        # one of PHASES; None from older trainers (Training)
-    done: int | None = None         # items or batches done in this phase (PreparingData, Validating)
-    total: int | None = None
 
     @property
     def percent(self) -> int:
-        if self.epoch < 1 or self.steps < 1:
-            return 0
         done = (self.epoch - 1) * self.steps + self.step
         return max(0, min(100, int(100 * done / (self.epochs * self.steps))))
-
-    @property
-    def activity(self) -> str:
-        """The printer column: ``Training``, ``PreparingData 340/1000``, ``Validating 3/10``."""
-        phase = self.phase or 'Training'
-        if self.done is not None and self.total:
-            return f'{phase} {self.done}/{self.total}'
-        return phase
 
     def to_status(self, observed_at: datetime.datetime) -> dict[str, Any]:
         status: dict[str, Any] = {
@@ -59,19 +43,13 @@ class Heartbeat:
             status['samplesPerSecond'] = round(self.samples_per_second, 3)
         if self.world_size is not None:
             status['worldSize'] = self.world_size
-        if self.phase is not None:
-            status.update(phase=self.phase, activity=self.activity)
-            if self.done is not None:
-                status['done'] = self.done
-            if self.total is not None:
-                status['total'] = self.total
         return status
 
     def same_beat(self, progress: dict[str, Any]) -> bool:
         """Whether status.progress already mirrors this heartbeat (so no write is needed)."""
         return all(progress.get(key) == value for key, value in (
             ('epoch', self.epoch), ('epochs', self.epochs), ('step', self.step),
-            ('steps', self.steps), ('time', self.time), ('phase', self.phase), ('done', self.done)))
+            ('steps', self.steps), ('time', self.time)))
 
     def describe(self) -> str:
         loss = f', loss {self.loss:.2f}' if self.loss is not None else ''
@@ -118,21 +96,13 @@ def parse_heartbeat(text: str | None) -> Heartbeat | str | None:
         return f'the {PROGRESS_ANNOTATION} annotation is not JSON ({error})'
     if not isinstance(payload, dict):
         return f'the {PROGRESS_ANNOTATION} annotation must be a JSON object, got {type(payload).__name__}'
-    phase = payload.get('phase')
-    if phase is not None and phase not in PHASES:
-        return f'the {PROGRESS_ANNOTATION} annotation is malformed: "phase" must be one of {", ".join(PHASES)}, ' \
-               f'got {phase!r}'
-    training = phase in (None, 'Training')   # before training starts there is no epoch or step yet
     try:
         beat = Heartbeat(
-            epoch=_count(payload, 'epoch', 1 if training else 0), epochs=_count(payload, 'epochs', 1),
-            step=_count(payload, 'step', 0), steps=_count(payload, 'steps', 1 if training else 0),
+            epoch=_count(payload, 'epoch', 1), epochs=_count(payload, 'epochs', 1),
+            step=_count(payload, 'step', 0), steps=_count(payload, 'steps', 1),
             loss=_number(payload, 'loss'), samples_per_second=_number(payload, 'samplesPerSecond'),
             time=str(payload.get('time', '')),
             world_size=_count(payload, 'worldSize', 1) if 'worldSize' in payload else None,
-            phase=phase,
-            done=_count(payload, 'done', 0) if payload.get('done') is not None else None,
-            total=_count(payload, 'total', 0) if payload.get('total') is not None else None,
         )
     except ValueError as error:
         return f'the {PROGRESS_ANNOTATION} annotation is malformed: {error}'

@@ -72,12 +72,6 @@ def judge_gang_start(status: Mapping[str, Any], now: datetime.datetime, *, start
 
 
 def describe_progress(progress: Mapping[str, Any]) -> str:
-    phase = progress.get('phase')
-    if phase not in (None, 'Training'):   # e.g. "hung in PreparingData (340/1000)"
-        done, total = progress.get('done'), progress.get('total')
-        where = f'hung in {phase}' + (f' ({done}/{total})' if done is not None and total else '')
-        return where + (f", epoch {progress['epoch']}/{progress.get('epochs', '?')}"
-                        if isinstance(progress.get('epoch'), int) and progress['epoch'] >= 1 else '')
     text = f"epoch {progress.get('epoch', '?')}/{progress.get('epochs', '?')}, " \
            f"step {progress.get('step', '?')}/{progress.get('steps', '?')}"
     if isinstance(progress.get('loss'), int | float):
