@@ -15,12 +15,12 @@ from typing import Any
 
 from trainguard.domain import builders
 from trainguard.domain.gang import Gang, GangSummary, PodAbsence, PodView, summarize
-from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat, parse_time
+from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat
 from trainguard.domain.pods import PodState
 from trainguard.domain.policy import CpuLimits, effective_device, plan_rewrite
 from trainguard.domain.retry import HANG_REASONS, adapt_for_retry
 from trainguard.domain.spec import Hyperparameters, RunSpec, SpecError, parse_hyperparameters, parse_spec
-from trainguard.domain.stall import Stalled, judge_gang_start, judge_stall
+from trainguard.domain.stall import Stalled, active_seconds, judge_gang_start, judge_stall
 from trainguard.domain.stallreport import STALL_ANNOTATION, parse_stall_report
 
 TERMINAL_PHASES = frozenset({'Succeeded', 'Failed'})
@@ -97,7 +97,7 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
     try:
         spec = parse_spec(run.get('spec') or {})
     except SpecError as error:
-        _finish(target, 'Failed', 'InvalidSpec', f'the spec is invalid: {error}', now)
+        _finish(target, status, 'Failed', 'InvalidSpec', f'the spec is invalid: {error}', now)
         return _conclude(plan, status, target, now)
 
     queue = (metadata.get('labels') or {}).get(builders.QUEUE_LABEL, '')
@@ -207,9 +207,8 @@ def _succeeded(attempt: _Attempt) -> bool:
         return False
     # The last beat (epoch end) and the pod's exit can arrive together: mirror it too.
     _mirror(attempt.target, attempt.status, attempt.beat, attempt.now)
-    _finish(attempt.target, 'Succeeded', 'Succeeded', f'training finished in {attempt.where}', attempt.now,
-            attempt.spec)
-    _deactivate(attempt.target, attempt.status, attempt.now)
+    _finish(attempt.target, attempt.status, 'Succeeded', 'Succeeded', f'training finished in {attempt.where}',
+            attempt.now, attempt.spec)
     return True
 
 
@@ -334,10 +333,9 @@ def _past_deadline(attempt: _Attempt) -> bool:
     if active <= deadline:
         return False
     attempt.plan.stop_pods += attempt.summary.to_stop
-    _finish(attempt.target, 'Failed', 'DeadlineExceeded',
+    _finish(attempt.target, attempt.status, 'Failed', 'DeadlineExceeded',
             f'active for {active}s, past activeDeadlineSeconds {deadline}; its pods were stopped', attempt.now,
             attempt.spec)
-    _deactivate(attempt.target, attempt.status, attempt.now)
     return True
 
 
@@ -371,7 +369,7 @@ def _disrupted(attempt: _Attempt) -> bool:
                                                   f'waiting for {len(attempt.summary.live)} pod(s) to stop and save')
         return True
     if count > attempt.spec.max_disruptions:
-        _finish(target, 'Failed', 'TooManyDisruptions',
+        _finish(target, status, 'Failed', 'TooManyDisruptions',
                 f'{count} attempts were disrupted (maxDisruptions {attempt.spec.max_disruptions}); the last: '
                 f'{last["reason"]}: {last["message"]}', attempt.now, attempt.spec)
         return True
@@ -400,13 +398,6 @@ def _deactivate(target: dict[str, Any], status: Mapping[str, Any], now: datetime
     if status.get('activeSince'):
         target['activeSeconds'] = active_seconds(status, now)
         target['activeSince'] = None
-
-
-def active_seconds(status: Mapping[str, Any], now: datetime.datetime) -> int:
-    """Seconds the run has been active: earlier stretches plus the current one."""
-    since = parse_time(status.get('activeSince'))
-    current = max(0, int((now - since).total_seconds())) if since is not None else 0
-    return int(status.get('activeSeconds') or 0) + current
 
 
 def _observed(pod: PodView | Gang) -> bool:
@@ -478,19 +469,20 @@ def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec
         suffix = f' after {attempts} attempts' if attempts > 1 else ''
         if reason in HANG_REASONS:  # `kubectl describe` shows why it stopped
             plan.events.append(Event('Warning', reason, f'attempt {attempts}: {message}'))
-        _finish(target, 'Failed', reason, message + suffix, now, spec)
-        _deactivate(target, status, now)
+        _finish(target, status, 'Failed', reason, message + suffix, now, spec)
 
 
 # Failures a new attempt cannot fix: the same image on the same kind of node fails the same way.
 NOT_RETRIED = frozenset({'GPUUnavailable'})
 
 
-def _finish(target: dict[str, Any], phase: str, reason: str, message: str, now: datetime.datetime,
-            spec: RunSpec | None = None) -> None:
+def _finish(target: dict[str, Any], status: Mapping[str, Any], phase: str, reason: str, message: str,
+            now: datetime.datetime, spec: RunSpec | None = None) -> None:
+    """A terminal phase: nothing of the run holds a node, and its active-time clock stops."""
     target.update(phase=phase, reason=reason, message=message, completionTime=format_time(now))
-    if spec is not None:  # nothing of a finished run holds a node any more
+    if spec is not None:
         target['nodes'] = f'0/{spec.num_nodes}'
+    _deactivate(target, status, now)
 
 
 def _hang_switch(annotations: Mapping[str, str], hp: Hyperparameters) -> int | None:
@@ -519,7 +511,7 @@ def conditions(phase: str, reason: str, message: str, generation: int,
         'Ready': phase == 'Succeeded',
         'Progressing': phase in ('Pending', 'Running', 'Queued'),
         'Stalled': phase == 'Failed',
-        'Suspended': phase == 'Suspended',   # Job's condition type: Argo CD and kstatus read it as suspended
+        'Suspended': phase == 'Suspended',   # Job's condition type, for tools that read it
     }
     before = {condition.get('type'): condition for condition in previous}
     result = []

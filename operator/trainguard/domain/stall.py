@@ -106,11 +106,18 @@ def due_for_sweep(run: Mapping[str, Any], now: datetime.datetime, *, resync: boo
     return isinstance(verdict, Stalled) or resync
 
 
-def past_active_deadline(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime.datetime) -> bool:
-    """spec.activeDeadlineSeconds is up: active seconds so far plus the current stretch (a
-    suspended run has no current stretch, so its clock is stopped)."""
-    deadline = spec.get('activeDeadlineSeconds')
+def active_seconds(status: Mapping[str, Any], now: datetime.datetime) -> int:
+    """Seconds the run has been active: earlier stretches plus the current one (a suspended or
+    queued run has no current stretch: its clock is stopped)."""
     since = parse_time(status.get('activeSince'))
-    if not isinstance(deadline, int) or isinstance(deadline, bool) or since is None:
+    current = max(0, int((now - since).total_seconds())) if since is not None else 0
+    return int(status.get('activeSeconds') or 0) + current
+
+
+def past_active_deadline(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime.datetime) -> bool:
+    """spec.activeDeadlineSeconds is up, counted as reconcile counts it (so the sweep hands it a
+    run exactly when reconcile will fail it)."""
+    deadline = spec.get('activeDeadlineSeconds')
+    if not isinstance(deadline, int) or isinstance(deadline, bool) or not status.get('activeSince'):
         return False
-    return int(status.get('activeSeconds') or 0) + (now - since).total_seconds() > deadline
+    return active_seconds(status, now) > deadline
