@@ -40,7 +40,7 @@ SANDBOX_ENTRIES = frozenset({MARKER, 'kubeconfig', 'pods', 'volumes', 'tmp'})
 PROCESS_GONE_SECONDS = 30.0
 
 SAMPLES = pathlib.Path(__file__).parent / 'manifests' / 'samples'
-COLUMNS = ('NAME', 'PHASE', 'DEVICE', 'NODES', 'EPOCH', 'PROGRESS', 'LOSS', 'REASON', 'AGE')
+COLUMNS = ('NAME', 'PHASE', 'DEVICE', 'NODES', 'EPOCH', 'ACTIVITY', 'PROGRESS', 'LOSS', 'REASON', 'AGE')
 
 
 def _age(created: str | None, now: datetime.datetime) -> str:
@@ -60,7 +60,7 @@ def table_rows(runs: Sequence[Mapping[str, Any]], now: datetime.datetime) -> lis
         loss = progress.get('loss')
         rows.append((
             run['metadata']['name'], status.get('phase', ''), status.get('device', ''), status.get('nodes', ''),
-            status.get('epoch', ''),
+            status.get('epoch', ''), progress.get('activity', ''),
             f"{progress['percent']}%" if 'percent' in progress else '',
             f'{loss:.4f}' if isinstance(loss, int | float) else '', status.get('reason', ''),
             _age(run['metadata'].get('creationTimestamp'), now),

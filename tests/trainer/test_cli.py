@@ -64,15 +64,16 @@ def test_hang_switch_blocks_the_loop_and_stops_the_heartbeat(tmp_path):
         try:
             at_hang = _wait_for_log(log, process, lambda text: 'simulating a hang' in text, 'the hang')
             assert 'simulating a hang after 2 steps' in at_hang
-            steps = [json.loads(line.split(beats + ': ', 1)[1])['step'] for line in at_hang.splitlines()
-                     if beats in line]
+            payloads = [json.loads(line.split(beats + ': ', 1)[1]) for line in at_hang.splitlines() if beats in line]
+            steps = [payload['step'] for payload in payloads if payload['phase'] == 'Training']
             assert steps == [1, 2]  # one beat per step, from the loop, up to the hang
+            assert [payload['phase'] for payload in payloads][:3] == ['Starting', 'Starting', 'PreparingData']
             # The system-line thread keeps running in a hang: three more of its lines prove the
             # process is alive and time passed in it, whatever the machine's speed.
             after = _wait_for_log(log, process, lambda text: text[len(at_hang):].count('system: cpu') >= 3,
                                   'three system lines after the hang')
             assert process.poll() is None          # still alive: hung, not finished
-            assert after.count(beats) == 2        # and silent: no beat since the hang
+            assert after.count(beats) == at_hang.count(beats)   # and silent: no beat since the hang
         finally:
             stop_group(process)
 
@@ -86,5 +87,6 @@ def test_a_gpu_run_without_usable_cuda_exits_4_at_once_saying_why(tmp_path):
     assert process.returncode == 4, process.stdout + process.stderr
     last = process.stdout.strip().splitlines()[-1]
     assert 'GPU unavailable: this torch build is CPU-only' in last
-    assert 'epoch' not in process.stdout           # it trained nothing on the CPU
+    assert '"phase": "Starting"' in process.stdout   # the first beat, sent before torch was imported
+    assert 'PreparingData' not in process.stdout and 'Training' not in process.stdout   # nothing on the CPU
     print(f'exited in {time.monotonic() - started:.1f}s')

@@ -29,7 +29,7 @@ def test_cadence_is_one_beat_per_interval_plus_forced_epoch_ends():
         clock.now += 1.0
     assert [step for step, ok in zip(range(1, 31), sent, strict=True) if ok] == [1, 11, 21]
     assert beat(heartbeat, 30, force=True) is True
-    assert sender.payloads[0] == {'epoch': 1, 'epochs': 2, 'step': 1, 'steps': 16, 'loss': 0.5,
+    assert sender.payloads[0] == {'phase': 'Training', 'epoch': 1, 'epochs': 2, 'step': 1, 'steps': 16, 'loss': 0.5,
                                   'samplesPerSecond': 4.0, 'time': '2026-11-25T12:00:00Z', 'worldSize': 1}
 
 

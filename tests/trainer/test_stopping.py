@@ -29,12 +29,12 @@ class SigtermAt(RecordingSender):
 
     def __call__(self, payload: dict) -> None:
         super().__call__(payload)
-        if (payload['epoch'], payload['step']) == self.at and not payload.get('final'):
+        if payload['phase'] == 'Training' and (payload['epoch'], payload['step']) == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
 def per_step(sender: RecordingSender) -> dict[tuple[int, int], float]:
-    return {(beat['epoch'], beat['step']): beat['loss'] for beat in sender.payloads}
+    return {(beat['epoch'], beat['step']): beat['loss'] for beat in sender.payloads if beat['phase'] == 'Training'}
 
 
 def test_sigterm_mid_epoch_saves_that_step_and_the_resume_matches_an_uninterrupted_run(tiny, tmp_path):
@@ -53,7 +53,7 @@ def test_sigterm_mid_epoch_saves_that_step_and_the_resume_matches_an_uninterrupt
 
     resumed_beats = RecordingSender()
     resumed = train(replace(config, output_dir=tmp_path / 'drained'), sender=resumed_beats)
-    steps = [(beat['epoch'], beat['step']) for beat in resumed_beats.payloads]
+    steps = [(beat['epoch'], beat['step']) for beat in resumed_beats.payloads if beat['phase'] == 'Training']
     assert steps[0] == (1, 3)                 # no finished step is trained again
     expected = per_step(whole)
     for key, loss in per_step(resumed_beats).items():
@@ -73,7 +73,7 @@ def test_periodic_checkpoints_bound_what_a_sigkill_costs(tiny, tmp_path, interva
         def __call__(self, payload: dict) -> None:
             super().__call__(payload)
             path = tmp_path / 'out' / CHECKPOINT
-            if payload['epoch'] == 1 and payload['step'] < 4 and path.exists():
+            if payload['phase'] == 'Training' and payload['epoch'] == 1 and payload['step'] < 4 and path.exists():
                 seen.append(torch.load(path, weights_only=False)['step'])
 
     ticks = itertools.count()

@@ -44,19 +44,25 @@ def test_resume_continues_from_the_checkpoint(tiny, sender):
 def test_heartbeats_follow_steps_and_epochs(tiny, sender):
     result = train(tiny, sender=sender, clock=lambda: 0.0)
     # 16 training samples / batch 4 = 4 steps per epoch; the stopped clock never reaches the
-    # 10 s interval, so only the first step and each epoch end beat.
-    assert [(p['epoch'], p['step']) for p in sender.payloads] == [(1, 1), (1, 4), (2, 4)]
-    assert result.heartbeats == 3
-    first = sender.payloads[0]
-    assert set(first) == {'epoch', 'epochs', 'step', 'steps', 'loss', 'samplesPerSecond', 'time', 'worldSize'}
+    # 10 s interval, so only entering a long phase, the first step and each epoch end beat.
+    # Data preparation beats as it begins (generating 20 items; tiny streams them: no cache).
+    assert [(p['phase'], p.get('detail'), p['epoch'], p['step'], p.get('done')) for p in sender.payloads] == [
+        ('Starting', 'setting up', 0, 0, None), ('PreparingData', 'generating', 0, 0, 0),
+        ('Training', None, 1, 1, None), ('Validating', None, 1, 4, 1),
+        ('Training', None, 1, 4, None), ('Validating', None, 2, 4, 1), ('Training', None, 2, 4, None)]
+    assert [p.get('total') for p in sender.payloads if p['phase'] == 'PreparingData'] == [20]
+    assert result.heartbeats == 7
+    first = next(p for p in sender.payloads if p['phase'] == 'Training')
+    assert set(first) == {'phase', 'epoch', 'epochs', 'step', 'steps', 'loss', 'samplesPerSecond', 'time', 'worldSize'}
     assert first['worldSize'] == 1
     assert first['epochs'] == 2 and first['steps'] == 4
 
 
 def test_heartbeat_failures_never_stop_training(tiny):
-    flaky = RecordingSender(fail_first=2)
+    flaky = RecordingSender(fail_first=2)   # Starting and PreparingData are lost
     result = train(tiny, sender=flaky)
-    assert len(result.history) == 2 and len(flaky.payloads) == 1
+    assert len(result.history) == 2 and len(flaky.payloads) == result.heartbeats
+    assert flaky.payloads[0]['phase'] == 'Training' and flaky.payloads[-1]['step'] == 4
 
 
 def write_pairs(root, names, size=40):

@@ -149,3 +149,100 @@ def test_due_for_sweep(status, spec, after, resync, due):
 
     run = {'status': status, 'spec': spec}
     assert due_for_sweep(run, T0 + datetime.timedelta(seconds=after), resync=resync) is due
+
+
+@pytest.mark.parametrize(('payload', 'activity', 'percent'), [
+    ({'phase': 'Starting', 'epoch': 0, 'epochs': 2, 'step': 0, 'steps': 0}, 'Starting', 0),
+    ({'phase': 'PreparingData', 'epoch': 0, 'epochs': 2, 'step': 0, 'steps': 0, 'done': 340, 'total': 1000},
+     'PreparingData 340/1000', 0),
+    ({'phase': 'Validating', 'epoch': 1, 'epochs': 2, 'step': 0, 'steps': 16, 'done': 3, 'total': 10},
+     'Validating 3/10', 0),
+    ({'phase': 'Training', 'epoch': 2, 'epochs': 2, 'step': 8, 'steps': 16, 'loss': 0.4}, 'Training', 75),
+    ({'epoch': 2, 'epochs': 2, 'step': 8, 'steps': 16, 'loss': 0.4}, 'Training', 75),   # an older trainer
+], ids=['starting', 'preparing', 'validating', 'training', 'no-phase'])
+def test_every_phase_is_a_heartbeat(payload, activity, percent):
+    beat = parse_heartbeat(json.dumps({**payload, 'time': '2026-11-25T12:00:00Z'}))
+    assert isinstance(beat, Heartbeat) and beat.activity == activity and beat.percent == percent
+    status = beat.to_status(T0)
+    assert status.get('activity') == (activity if 'phase' in payload else None)
+    assert status['lastProgressTime'] == '2026-11-25T12:00:00Z'
+
+
+@pytest.mark.parametrize('payload', [
+    {'phase': 'Sleeping', 'epoch': 1, 'epochs': 2, 'step': 1, 'steps': 4},
+    {'phase': 'Training', 'epoch': 0, 'epochs': 2, 'step': 0, 'steps': 4},     # training has an epoch
+    {'phase': 'PreparingData', 'epoch': 0, 'epochs': 2, 'step': 0, 'steps': 0, 'done': -1, 'total': 9},
+], ids=['unknown-phase', 'training-without-epoch', 'negative-done'])
+def test_malformed_phase_beats_return_a_reason(payload):
+    assert isinstance(parse_heartbeat(json.dumps(payload)), str)
+
+
+def test_silence_in_a_phase_is_named_in_the_timeout():
+    status = running(progress={'lastProgressTime': '2026-11-25T12:00:00Z', 'phase': 'PreparingData',
+                               'done': 340, 'total': 1000, 'epoch': 0, 'epochs': 2, 'step': 0, 'steps': 0})
+    result = judge_stall(status, T0 + datetime.timedelta(seconds=400), progress_timeout=300, startup_timeout=600)
+    assert isinstance(result, Stalled) and result.reason == 'ProgressTimeout'
+    assert result.message == 'no progress for 400s (last: hung in PreparingData (340/1000))'
+
+
+def merge(progress: dict, patch: dict) -> dict:
+    """JSON merge patch (RFC 7386) of status.progress, as the API server applies it."""
+    merged = {**progress, **patch}
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+def test_a_phase_leaves_nothing_behind_in_the_merged_status():
+    """A merge patch keeps keys the patch leaves out: the phase fields are written as null, so
+    done/total of PreparingData do not outlive it and the next beat is seen as new."""
+    preparing = parse_heartbeat(json.dumps({'phase': 'PreparingData', 'epoch': 0, 'epochs': 2, 'step': 0,
+                                            'steps': 0, 'done': 340, 'total': 1000, 'detail': 'caching',
+                                            'time': '2026-11-25T12:00:00Z'}))
+    training = parse_heartbeat(json.dumps({**GOOD, 'phase': 'Training', 'time': '2026-11-25T12:00:01Z'}))
+    assert isinstance(preparing, Heartbeat) and isinstance(training, Heartbeat)
+    progress = merge({}, preparing.to_status(T0))
+    assert progress['activity'] == 'PreparingData 340/1000 (caching)' and 'epoch' not in progress
+    progress = merge(progress, training.to_status(T0))
+    assert (progress['phase'], progress['activity']) == ('Training', 'Training')
+    assert not {'done', 'total', 'detail'} & set(progress)
+    assert training.same_beat(progress) and not preparing.same_beat(progress)
+
+
+def test_data_preparation_keeps_a_resumed_runs_position():
+    """Before training a beat has no epoch: the status keeps the last known one (attempt 2 of a
+    run stopped at 50% shows 50% while its cache fills, not 0%)."""
+    trained = parse_heartbeat(json.dumps(GOOD))
+    preparing = parse_heartbeat(json.dumps({'phase': 'PreparingData', 'epoch': 0, 'epochs': 2, 'step': 0,
+                                            'steps': 0, 'done': 3, 'total': 9, 'time': '2026-11-25T13:00:00Z'}))
+    assert isinstance(trained, Heartbeat) and isinstance(preparing, Heartbeat)
+    progress = merge(merge({}, trained.to_status(T0)), preparing.to_status(T0))
+    assert (progress['epoch'], progress['step'], progress['percent']) == (1, 8, 25)
+    assert progress['activity'] == 'PreparingData 3/9' and progress['loss'] == 0.4213
+    assert preparing.same_beat(progress)
+
+
+def test_an_older_trainers_beat_writes_no_phase():
+    beat = parse_heartbeat(json.dumps(GOOD))
+    assert isinstance(beat, Heartbeat)
+    assert {key: beat.to_status(T0)[key] for key in ('phase', 'activity', 'done', 'total', 'detail')} == dict.fromkeys(
+        ('phase', 'activity', 'done', 'total', 'detail'))
+
+
+STARTING = {'lastProgressTime': '2026-11-25T12:00:10Z', 'phase': 'Starting', 'detail': 'joining 4 ranks',
+            'epochs': 2}
+
+
+@pytest.mark.parametrize(('progress', 'after', 'verdict'), [
+    (STARTING, 100, Healthy), (STARTING, 599, Healthy),
+    (STARTING, 620, Stalled('StartupTimeout', 'no progress for 610s while Starting (joining 4 ranks)'
+                                              ' (startupTimeoutSeconds 600)', 610)),
+    ({**STARTING, 'detail': None}, 700, Stalled('StartupTimeout', 'no progress for 690s while Starting'
+                                                                  ' (startupTimeoutSeconds 600)', 690)),
+    ({**STARTING, 'phase': 'PreparingData', 'done': 3, 'total': 9, 'detail': 'waiting for rank 1'}, 320,
+     Stalled('ProgressTimeout', 'no progress for 310s (last: hung in PreparingData (3/9), waiting for rank 1)', 310)),
+], ids=['setup-early', 'setup-just-in-time', 'setup-silent', 'setup-no-detail', 'gang-preparing-silent'])
+def test_set_up_is_held_to_the_startup_timeout_and_the_rest_to_the_progress_timeout(progress, after, verdict):
+    """Starting (imports, the rendezvous) counts no items: its silence is judged against
+    startupTimeoutSeconds; data preparation counts items and is judged like training."""
+    result = judge_stall(running(progress=progress), T0 + datetime.timedelta(seconds=after),
+                         progress_timeout=300, startup_timeout=600)
+    assert result == verdict if isinstance(verdict, Stalled) else isinstance(result, Healthy)

@@ -92,6 +92,10 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
      'test switch: a DataLoader worker process fails after N samples (how: --simulate-worker-fault)'),
     ('--simulate-worker-fault', None, 'block',
      'test switch: block (waits in Python), stop (SIGSTOP: the process freezes) or kill (SIGKILL)'),
+    ('--simulate-slow-preparation-seconds', _non_negative_float, 0.0,
+     'test switch: every item of the data preparation takes this much longer (a slow volume)'),
+    ('--simulate-preparation-hang-after-items', _bounded_int(1, 10**9), None,
+     'test switch: the data preparation blocks forever after N items (a hung volume)'),
     ('--stall-report-seconds', _non_negative_float, 0.0,
      'watchdog: write a stall report after this long without a step (0: off)'),
     ('--startup-report-seconds', _non_negative_float, 0.0,
@@ -140,6 +144,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
         run_namespace=args.run_namespace, simulate_hang_after_steps=args.simulate_hang_after_steps,
         simulate_worker_block_after_items=args.simulate_worker_block_after_items,
         simulate_worker_fault=args.simulate_worker_fault,
+        simulate_slow_preparation_seconds=args.simulate_slow_preparation_seconds,
+        simulate_preparation_hang_after_items=args.simulate_preparation_hang_after_items,
         stall_report_seconds=args.stall_report_seconds, startup_report_seconds=args.startup_report_seconds,
         attempt=args.attempt, collective_timeout_seconds=args.collective_timeout_seconds,
         checkpoint_interval_seconds=args.checkpoint_interval_seconds,
@@ -149,6 +155,18 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', stream=sys.stdout)
     config = parse_config(list(sys.argv[1:] if argv is None else argv), os.environ)
+    sender = None
+    if os.environ.get('RANK', '0') == '0':   # rank 0 beats for a gang
+        import datetime
+
+        from trainguard_trainer.heartbeat import KubernetesSender, log_only, send_starting
+
+        # The first beat, before torch and MONAI load (seconds): the run shows the trainer
+        # started. Without a run it goes to the log, where the first-heartbeat benchmark reads it.
+        sender = KubernetesSender(config.run_name, config.run_namespace) if config.run_name else log_only
+        world_size = os.environ.get('WORLD_SIZE', '1')
+        send_starting(sender, config.epochs, datetime.datetime.now(datetime.UTC),
+                      int(world_size) if world_size.isdigit() and int(world_size) > 0 else 1)
     from trainguard_trainer.startup import seed_matplotlib_cache
 
     seed_matplotlib_cache(os.environ)  # before MONAI's import pulls in matplotlib
@@ -158,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainguard_trainer.train import train  # imported after parsing: --help and bad flags stay fast
 
     try:
-        train(config)
+        train(config, sender=sender)
     except DatasetError as error:
         logging.getLogger('trainguard_trainer').error('dataset: %s', error)
         return EXIT_DATASET

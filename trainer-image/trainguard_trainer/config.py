@@ -35,6 +35,8 @@ class TrainerConfig:
     checkpoint_interval_seconds: float = 600.0  # a mid-epoch checkpoint at most this often; 0: epoch ends only
     simulate_worker_block_after_items: int | None = None  # test switch: a DataLoader worker fails after N items
     simulate_worker_fault: str = 'block'                   # ... by blocking, SIGSTOP (frozen) or SIGKILL
+    simulate_slow_preparation_seconds: float = 0.0         # test switch: each item prepared takes this longer
+    simulate_preparation_hang_after_items: int | None = None   # test switch: preparation blocks after N items
     run_name: str = ''                   # empty: local use, heartbeats are only logged
     run_namespace: str = 'default'
     simulate_hang_after_steps: int | None = None

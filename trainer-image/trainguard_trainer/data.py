@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,15 @@ class DatasetError(ValueError):
     pass
 
 
-def synthetic_items(num_samples: int, resolution: int, seed: int) -> list[dict[str, Any]]:
+Progress = Callable[[int, int], None]   # (items done, items in all): a heartbeat while data is prepared
+
+
+def no_progress(done: int, total: int) -> None:
+    return None
+
+
+def synthetic_items(num_samples: int, resolution: int, seed: int,
+                    progress: Progress = no_progress) -> list[dict[str, Any]]:
     """Seeded circles-on-noise images and masks from MONAI, at the training resolution."""
     random = np.random.RandomState(seed)
     rad_max = max(2, resolution // 6)  # circles scale with the image so every size from 16px works
@@ -35,6 +44,7 @@ def synthetic_items(num_samples: int, resolution: int, seed: int) -> list[dict[s
         image, label = create_test_image_2d(resolution, resolution, num_objs=5, rad_max=rad_max, rad_min=rad_min,
                                             noise_max=0.5, num_seg_classes=1, random_state=random)
         items.append({'image': image.astype(np.float32), 'label': (label > 0).astype(np.float32)})
+        progress(len(items), num_samples)
     return items
 
 

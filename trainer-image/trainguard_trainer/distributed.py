@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,15 +62,88 @@ def threads_per_process(pod_threads: int, cluster: Cluster) -> int:
     return max(1, pod_threads // cluster.local_world_size)
 
 
-def start(cluster: Cluster, device: str, timeout_seconds: float) -> None:
+def start(cluster: Cluster, device: str, timeout_seconds: float) -> dist.Store | None:
+    """Join the process group; returns the rendezvous store (None for a single process).
+
+    The env:// rendezvous is done here rather than inside init_process_group so the store
+    stays at hand: ranks report their data preparation in it (GangPreparation), which needs
+    no collective while they are at different places.
+    """
     if not cluster.distributed:
-        return
+        return None
     backend = 'nccl' if device == 'cuda' else 'gloo'
     if device == 'cuda':
         torch.cuda.set_device(cluster.local_rank)  # 'cuda' below means this rank's own GPU
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    # What init_process_group(init_method='env://') does itself: the same store and prefix.
+    store, rank, world_size = next(dist.rendezvous('env://', cluster.rank, cluster.world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore('default_pg', store), rank=rank, world_size=world_size,
+                            timeout=timeout)
     log.info('distributed: rank %d of %d (local rank %d), backend %s, collective timeout %.0fs',
              cluster.rank, cluster.world_size, cluster.local_rank, backend, timeout_seconds)
+    return dist.PrefixStore('trainguard/', store)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPreparation:
+    rank: int
+    stage: str      # generating, scanning, caching, ready
+    done: int
+    total: int
+
+
+class GangPreparation:
+    """Where every rank is in its data preparation, through the rendezvous store.
+
+    Rank 0 beats for the gang, and a rank that finished preparing waits at the next
+    collective for the slowest. Without this the gang's heartbeat falls silent for as long
+    as the slowest rank still caches, and a hang there looks the same as a slow rank. Each
+    rank writes its own counter after every item; rank 0, once ready itself, reports the
+    slowest rank's counter as it moves and stops reporting when it stops moving.
+    """
+
+    def __init__(self, store: dist.Store | None, cluster: Cluster) -> None:
+        self._store, self._cluster = store, cluster
+
+    def report(self, stage: str, done: int, total: int) -> None:
+        if self._store is not None:
+            self._store.set(f'prepared/{self._cluster.rank}', json.dumps([stage, done, total]))
+
+    def ranks(self) -> list[RankPreparation | None]:
+        """Each rank's last report (None: it reported nothing yet)."""
+        if self._store is None:
+            return []
+        states: list[RankPreparation | None] = []
+        for rank in range(self._cluster.world_size):
+            key = f'prepared/{rank}'
+            states.append(RankPreparation(rank, *json.loads(self._store.get(key))) if self._store.check([key])
+                          else None)
+        return states
+
+    def wait_until_all_ready(self, on_progress: Callable[[RankPreparation | None, int], None], timeout_seconds: float,
+                             clock: Callable[[], float] = time.monotonic,
+                             sleep: Callable[[float], None] = time.sleep) -> None:
+        """Rank 0: returns when every rank is ready; calls ``on_progress(slowest, rank)`` each
+        time the slowest rank's report changes, and raises TimeoutError when no rank's report
+        changed for ``timeout_seconds`` (the collective timeout: what the next collective
+        would have waited)."""
+        last, changed = None, clock()
+        while True:
+            states = self.ranks()
+            if states and all(state is not None and state.stage == 'ready' for state in states):
+                return
+            waiting = [(index, state) for index, state in enumerate(states)
+                       if state is None or state.stage != 'ready']
+            if states != last:
+                last, changed = states, clock()
+                rank, slowest = min(waiting, key=lambda pair: (pair[1] is not None,
+                                                               pair[1].done / max(pair[1].total, 1) if pair[1] else 0))
+                on_progress(slowest, rank)
+            elif clock() - changed > timeout_seconds:
+                silent = ', '.join(str(index) for index, _ in waiting)
+                raise TimeoutError(f'rank(s) {silent} reported no data preparation for {timeout_seconds:.0f}s')
+            sleep(0.1)
 
 
 def stop(cluster: Cluster) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 ANNOTATION = 'trainguard.io/progress'
 STALL_ANNOTATION = 'trainguard.io/stall-report'  # the watchdog's summary (trainguard_trainer.watchdog)
+FORCED_PHASES = ('Starting', 'PreparingData', 'Validating')
 
 
 class Sender(Protocol):
@@ -63,19 +64,41 @@ class Heartbeat:
         self._world_size = world_size
         self._clock, self._wall_clock = clock, wall_clock
         self._last: float | None = None
+        self._stage: tuple[str, str | None] | None = None   # the last beat's phase and detail
+        self._trained = False
         self.sent: int = 0
         self.failed: int = 0
 
     def beat(self, *, epoch: int, epochs: int, step: int, steps: int, loss: float, samples_per_second: float,
              force: bool = False) -> bool:
+        """A training step (or an epoch's end) finished; the first one of the process beats at once."""
+        first = not self._trained
+        self._trained = True
+        return self._send({'phase': 'Training', 'epoch': epoch, 'epochs': epochs, 'step': step, 'steps': steps,
+                           'loss': round(float(loss), 6), 'samplesPerSecond': round(float(samples_per_second), 3)},
+                          force or first)
+
+    def activity(self, phase: str, *, epochs: int, done: int | None = None, total: int | None = None,
+                 epoch: int = 0, step: int = 0, steps: int = 0, detail: str | None = None) -> bool:
+        """Progress outside the training steps (Starting, PreparingData, Validating, Checkpointing):
+        called on real progress (an item cached, a batch validated), never from a timer. Entering
+        a phase that can take long, or a new stage of one (``detail``: generating, caching),
+        beats at once so the status shows it; otherwise at most one beat per interval, as for
+        steps."""
+        payload: dict[str, Any] = {'phase': phase, 'epoch': epoch, 'epochs': epochs, 'step': step, 'steps': steps}
+        if done is not None:
+            payload.update(done=done, total=total)
+        if detail:
+            payload['detail'] = detail
+        return self._send(payload, (phase, detail) != self._stage and phase in FORCED_PHASES)
+
+    def _send(self, fields: dict[str, Any], force: bool) -> bool:
         now = self._clock()
         if not force and self._last is not None and now - self._last < self._interval:
             return False
-        payload = {
-            'epoch': epoch, 'epochs': epochs, 'step': step, 'steps': steps, 'loss': round(float(loss), 6),
-            'samplesPerSecond': round(float(samples_per_second), 3), 'worldSize': self._world_size,
-            'time': self._wall_clock().astimezone(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ'),
-        }
+        self._stage = (fields['phase'], fields.get('detail'))
+        payload = {**fields, 'worldSize': self._world_size,
+                   'time': self._wall_clock().astimezone(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}
         self._last = now  # a failed beat also waits an interval: an API outage is not hammered every step
         try:
             self._sender(payload)
@@ -85,3 +108,14 @@ class Heartbeat:
             return False
         self.sent += 1
         return True
+
+
+def send_starting(sender: Sender, epochs: int, now: datetime.datetime, world_size: int = 1) -> None:
+    """The first beat, as soon as the process can send one (before torch and MONAI are
+    imported): the run shows the trainer started and its startup clock stops. Never raises."""
+    try:
+        sender({'phase': 'Starting', 'detail': 'importing torch and MONAI', 'epoch': 0, 'epochs': epochs,
+                'step': 0, 'steps': 0, 'worldSize': world_size,
+                'time': now.astimezone(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')})
+    except Exception as error:  # the API being away must never stop training
+        log.warning('heartbeat failed (will retry at the next beat): %s', error)

@@ -65,12 +65,62 @@ def _samplers(cluster: distributed.Cluster, train_set: Any, val_set: Any,
                                shuffle=False))
 
 
+class _CacheWithProgress(CacheDataset):
+    """MONAI's CacheDataset, saying how far the cache fill is (one call per item cached).
+
+    CacheDataset reports progress only to tqdm; its per-item loader ``_load_cache_item`` (the
+    one its thread pool calls) is the place to count, so it is wrapped rather than the fill
+    rewritten.
+    """
+
+    def __init__(self, *args: Any, on_item: Callable[[], None], **kwargs: Any) -> None:
+        self._on_item = on_item
+        super().__init__(*args, **kwargs)
+
+    def _load_cache_item(self, idx: int) -> Any:
+        item = super()._load_cache_item(idx)
+        self._on_item()
+        return item
+
+
+class _Preparation:
+    """One counter per stage of data preparation (generating, caching), for the heartbeat."""
+
+    def __init__(self, report: Callable[[str, int, int], None], *, slow_seconds: float = 0.0,
+                 hang_after_items: int | None = None) -> None:
+        self._report, self._lock = report, threading.Lock()   # CacheDataset fills from a thread pool
+        self._stage, self._done, self._total = '', 0, 0
+        self._slow_seconds, self._hang_after_items, self._items = slow_seconds, hang_after_items, 0
+
+    def begin(self, stage: str, total: int) -> None:
+        with self._lock:
+            self._stage, self._done, self._total = stage, 0, total
+        self._report(stage, 0, total)
+
+    def item(self) -> None:
+        if self._slow_seconds:
+            time.sleep(self._slow_seconds)
+        with self._lock:
+            self._done += 1
+            self._items += 1
+            stage, done, total, items = self._stage, self._done, self._total, self._items
+        self._report(stage, done, total)
+        if self._hang_after_items is not None and items >= self._hang_after_items:
+            log.warning('simulating a hung data preparation after %d items '
+                        '(--simulate-preparation-hang-after-items): blocking forever', items)
+            threading.Event().wait()
+
+
 def _loaders(config: TrainerConfig, num_workers: int, device: str,
-             cluster: distributed.Cluster = distributed.SINGLE) -> tuple[DataLoader, DataLoader]:
+             cluster: distributed.Cluster = distributed.SINGLE,
+             preparation: _Preparation | None = None) -> tuple[DataLoader, DataLoader]:
+    preparation = preparation or _Preparation(lambda stage, done, total: None)
     if config.dataset == 'directory':
         items, from_files = data.directory_items(config.data_dir), True
     else:
-        items, from_files = data.synthetic_items(config.num_samples, config.resolution, config.seed), False
+        preparation.begin('generating', config.num_samples)
+        items, from_files = data.synthetic_items(config.num_samples, config.resolution, config.seed,
+                                                 lambda done, total: preparation.item()), False
     train_items, val_items = data.split(items, config.validation_fraction, config.seed)
     gpu_free = torch.cuda.mem_get_info()[0] if device == 'cuda' else None
     path, note = guards.choose_data_path(device, config.data_path, data.dataset_bytes(len(items), config.resolution),
@@ -90,10 +140,13 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str,
                            pin_memory=pin),
                 DataLoader(val_set, batch_size=config.batch_size, sampler=val_sampler, num_workers=0, pin_memory=pin))
     cache_device = 'cuda' if path == 'gpu-cache' else 'cpu'
-    train_set = CacheDataset(train_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
-                                                                 True, cache_device), progress=False)
-    val_set = CacheDataset(val_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
-                                                             False, cache_device), progress=False)
+    preparation.begin('caching', len(train_items) + len(val_items))
+    train_set = _CacheWithProgress(train_items, data.cached_transforms(config.resolution, config.crop_size,
+                                                                       from_files, True, cache_device),
+                                   on_item=preparation.item, progress=False)
+    val_set = _CacheWithProgress(val_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
+                                                                   False, cache_device),
+                                 on_item=preparation.item, progress=False)
     train_sampler, val_sampler = _samplers(cluster, train_set, val_set, config.seed)
     # Cached tensors (on the GPU) are batched in this process: worker processes would copy them.
     return (ThreadDataLoader(train_set, batch_size=config.batch_size, shuffle=train_sampler is None,
@@ -123,7 +176,8 @@ def _system_line(stop: threading.Event, seconds: float) -> None:
 
 
 def _evaluate(model: torch.nn.Module, loader: DataLoader, device: str,
-              cluster: distributed.Cluster = distributed.SINGLE) -> float:
+              cluster: distributed.Cluster = distributed.SINGLE,
+              progress: data.Progress = data.no_progress) -> float:
     """Mean Dice over the validation set; each rank scores its part and the sums are combined."""
     metric = DiceMetric(include_background=True, reduction='sum', get_not_nans=True)
     model.eval()
@@ -133,6 +187,7 @@ def _evaluate(model: torch.nn.Module, loader: DataLoader, device: str,
             prediction = (torch.sigmoid(model(batch['image'].to(device))) > 0.5).float()
             metric(y_pred=prediction, y=batch['label'].to(device))
             batches += 1
+            progress(batches, len(loader))
     model.train()
     total, counted = (float(value.item()) for value in metric.aggregate()) if batches else (0.0, 0.0)
     total, counted = distributed.all_sum(cluster, [total, counted], device)
@@ -206,31 +261,55 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: 
     effective = {**dataclasses.asdict(config), 'device': decision.device, 'num_workers': decision.num_workers}
     log.info('configuration: %s', json.dumps(effective, default=str, sort_keys=True))
 
-    distributed.start(cluster, decision.device, config.collective_timeout_seconds)
+    heartbeat, stall_sender = _beats(config, cluster, sender, stall_sender, clock, wall_clock)
+    heartbeat.activity('Starting', epochs=config.epochs,
+                       detail=f'joining {cluster.world_size} ranks' if cluster.distributed else 'setting up')
+    store = distributed.start(cluster, decision.device, config.collective_timeout_seconds)
     try:
-        return _train(config, decision, cluster, sender, stall_sender, clock, wall_clock)
+        return _train(config, decision, cluster, heartbeat, stall_sender, clock,
+                      distributed.GangPreparation(store, cluster))
     finally:
         distributed.stop(cluster)
 
 
-def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: distributed.Cluster,
-           sender: Sender | None, stall_sender: Sender | None, clock: Callable[[], float],
-           wall_clock: Callable[[], datetime.datetime]) -> Result:
+def _beats(config: TrainerConfig, cluster: distributed.Cluster, sender: Sender | None, stall_sender: Sender | None,
+           clock: Callable[[], float], wall_clock: Callable[[], datetime.datetime]) -> tuple[Heartbeat, Sender]:
+    """The heartbeat (rank 0's speaks for the gang) and where stall reports go."""
     if not cluster.main:
         sender, stall_sender = _no_beat, log_stall_only  # each rank's stall report still goes to its log
     if sender is None:
         sender = KubernetesSender(config.run_name, config.run_namespace) if config.run_name else log_only
-    heartbeat = Heartbeat(sender, config.heartbeat_seconds, clock, wall_clock, world_size=cluster.world_size)
     if stall_sender is None:
         stall_sender = (KubernetesSender(config.run_name, config.run_namespace, STALL_ANNOTATION)
                         if config.run_name else log_stall_only)
+    return Heartbeat(sender, config.heartbeat_seconds, clock, wall_clock, world_size=cluster.world_size), stall_sender
+
+
+def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: distributed.Cluster,
+           heartbeat: Heartbeat, stall_sender: Sender, clock: Callable[[], float],
+           gang: distributed.GangPreparation) -> Result:
     running: dict[str, Any] = {'iterator': None}  # the epoch's DataLoader iterator, for its workers
     watchdog = Watchdog(before_first_seconds=config.startup_report_seconds, after_seconds=config.stall_report_seconds,
                         workers=lambda: loader_workers(running['iterator']), send=stall_sender,
                         output_dir=config.output_dir, attempt=config.attempt,
                         context=(f'rank {cluster.rank} of {cluster.world_size}, DistributedDataParallel: '
                                  'every step waits for all ranks' if cluster.distributed else ''))
-    train_loader, val_loader = _loaders(config, decision.num_workers, decision.device, cluster)
+
+    def preparing(stage: str, done: int, total: int) -> None:
+        gang.report(stage, done, total)
+        heartbeat.activity('PreparingData', epochs=config.epochs, done=done, total=total, detail=stage)
+
+    train_loader, val_loader = _loaders(
+        config, decision.num_workers, decision.device, cluster,
+        _Preparation(preparing, slow_seconds=config.simulate_slow_preparation_seconds,
+                     hang_after_items=config.simulate_preparation_hang_after_items))
+    gang.report('ready', 1, 1)
+    if cluster.distributed and cluster.main:
+        def slowest(state: distributed.RankPreparation | None, rank: int) -> None:
+            heartbeat.activity('PreparingData', epochs=config.epochs, detail=f'waiting for rank {rank}',
+                               **({'done': state.done, 'total': state.total} if state else {}))
+
+        gang.wait_until_all_ready(slowest, config.collective_timeout_seconds, clock)
     model = build_model(config).to(decision.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     loss_function = DiceLoss(sigmoid=True)
@@ -267,6 +346,8 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
     def save(epoch: int, step: int, seen: float = 0.0, loss_sum: float = 0.0) -> None:
         """Rank 0 writes; ``step`` 0 means the epoch is complete. A collective: every rank calls it."""
         seen, loss_sum = distributed.all_sum(cluster, [seen, loss_sum], decision.device)
+        heartbeat.activity('Checkpointing', epochs=config.epochs, epoch=epoch, step=step or steps_per_epoch,
+                           steps=steps_per_epoch)
         if cluster.main:
             config.output_dir.mkdir(parents=True, exist_ok=True)
             partial = checkpoint_path.with_suffix('.partial')
@@ -322,7 +403,12 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
                     _hang_forever(total_steps)
             seconds = clock() - epoch_start
             seen, loss_sum = distributed.all_sum(cluster, [seen + before[0], loss_sum + before[1]], decision.device)
-            val_dice = _evaluate(model, val_loader, decision.device, cluster)
+            def validating(done: int, total: int, epoch: int = epoch) -> None:
+                heartbeat.activity('Validating', epochs=config.epochs, epoch=epoch, step=steps_per_epoch,
+                                   steps=steps_per_epoch, done=done, total=total)
+                watchdog.step()   # a batch validated is progress too: no stall report for a long validation
+
+            val_dice = _evaluate(model, val_loader, decision.device, cluster, validating)
             row = {'epoch': epoch, 'train_loss': round(loss_sum / max(seen, 1), 6), 'val_dice': round(val_dice, 6),
                    'seconds': round(seconds, 3), 'samples_per_second': round(seen / max(seconds, 1e-9), 3)}
             history.append(row)

@@ -412,7 +412,8 @@ def _mirror(target: dict[str, Any], status: Mapping[str, Any], beat: Heartbeat |
     """Copy a new heartbeat into the status, stamped with the operator's own clock."""
     if isinstance(beat, Heartbeat) and not beat.same_beat(status.get('progress') or {}):
         target['progress'] = beat.to_status(now)
-        target['epoch'] = f'{beat.epoch}/{beat.epochs}'
+        if beat.training_position:
+            target['epoch'] = f'{beat.epoch}/{beat.epochs}'
 
 
 def _created(ref: builders.RunRef, spec: RunSpec, attempt: int) -> str:

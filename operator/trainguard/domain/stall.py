@@ -12,7 +12,7 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from trainguard.domain.heartbeat import parse_time
+from trainguard.domain.heartbeat import SETUP_PHASES, parse_time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +43,23 @@ def judge_stall(status: Mapping[str, Any], now: datetime.datetime, *,
             return silent
         return Stalled('StartupTimeout', f'no heartbeat {silent}s after the trainer pod started'
                                          f' (startupTimeoutSeconds {startup_timeout})', silent)
+    if progress.get('phase') in SETUP_PHASES:
+        # Set-up (imports, the process group's rendezvous, the model) counts no items or steps:
+        # it is held to the startup timeout, from its last beat.
+        silent = _silence(last_beat, startup_timeout, now)
+        if isinstance(silent, Healthy):
+            return silent
+        return Stalled('StartupTimeout', f'no progress for {silent}s while {_setup(progress)}'
+                                         f' (startupTimeoutSeconds {startup_timeout})', silent)
     silent = _silence(last_beat, progress_timeout, now)
     if isinstance(silent, Healthy):
         return silent
     return Stalled('ProgressTimeout', f'no progress for {silent}s (last: {describe_progress(progress)})', silent)
+
+
+def _setup(progress: Mapping[str, Any]) -> str:
+    detail = progress.get('detail')
+    return f"{progress.get('phase')} ({detail})" if detail else str(progress.get('phase'))
 
 
 def _silence(since: datetime.datetime, timeout: int, now: datetime.datetime) -> Healthy | int:
@@ -72,6 +85,14 @@ def judge_gang_start(status: Mapping[str, Any], now: datetime.datetime, *, start
 
 
 def describe_progress(progress: Mapping[str, Any]) -> str:
+    phase = progress.get('phase')
+    if phase not in (None, 'Training'):   # e.g. "hung in PreparingData (340/1000)"
+        done, total = progress.get('done'), progress.get('total')
+        where = f'hung in {phase}' + (f' ({done}/{total})' if done is not None and total else '')
+        if progress.get('detail'):
+            where += f", {progress['detail']}"
+        return where + (f", epoch {progress['epoch']}/{progress.get('epochs', '?')}"
+                        if isinstance(progress.get('epoch'), int) and progress['epoch'] >= 1 else '')
     text = f"epoch {progress.get('epoch', '?')}/{progress.get('epochs', '?')}, " \
            f"step {progress.get('step', '?')}/{progress.get('steps', '?')}"
     if isinstance(progress.get('loss'), int | float):
