@@ -1,8 +1,13 @@
-"""Prometheus metrics: what a cluster operator alerts on (stalled runs, failing reconciles)."""
+"""Prometheus metrics: the fleet view (trainguard.domain.fleet) and the operator's own health.
+
+Every metric here is named in charts/trainguard/files/ (the PrometheusRule and the Grafana
+dashboard); tests/operator/test_metrics.py scrapes a running operator and checks that each
+query there names a metric this module really exports.
+"""
 
 from __future__ import annotations
 
-import collections
+import datetime
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -10,32 +15,65 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-PHASES = ('Pending', 'Queued', 'Running', 'Suspended', 'Succeeded', 'Failed')
+from trainguard.domain import fleet
+from trainguard.domain.reconcile import Plan
+
+PHASES = fleet.PHASES
 
 
-class _RunsByPhase(Collector):
-    """Computed at scrape time from the operator's view, so it can never drift from it."""
+class _FleetState(Collector):
+    """Gauges computed at scrape time from the operator's view, so they can never drift from it."""
 
-    def __init__(self, runs: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
-        self._runs = runs
+    def __init__(self, runs: Callable[[], Iterable[Mapping[str, Any]]],
+                 clock: Callable[[], datetime.datetime]) -> None:
+        self._runs, self._clock = runs, clock
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        counts = collections.Counter((run.get('status') or {}).get('phase') or 'Pending' for run in self._runs())
-        family = GaugeMetricFamily('trainguard_runs', 'TrainingRuns the operator sees, by phase', labels=['phase'])
-        for phase in PHASES:
-            family.add_metric([phase], counts.get(phase, 0))
-        yield family
+        state = fleet.snapshot(self._runs(), self._clock())
+        runs = GaugeMetricFamily('trainguard_runs', 'TrainingRuns the operator sees, by phase', labels=['phase'])
+        for phase, count in state.runs.items():
+            runs.add_metric([phase], count)
+        yield runs
+        by_reason = GaugeMetricFamily('trainguard_namespace_runs', 'TrainingRuns by namespace, phase and reason',
+                                      labels=['namespace', 'phase', 'reason'])
+        for (namespace, phase, reason), count in sorted(state.by_reason.items()):
+            by_reason.add_metric([namespace, phase, reason], count)
+        yield by_reason
+        trainer = GaugeMetricFamily('trainguard_running_runs',
+                                    'Running TrainingRuns by what the trainer last said it was doing '
+                                    '(Starting, PreparingData, Training, Validating, Checkpointing, NoHeartbeat)',
+                                    labels=['namespace', 'trainer_phase'])
+        for (namespace, trainer_phase), count in sorted(state.trainer_phases.items()):
+            trainer.add_metric([namespace, trainer_phase], count)
+        yield trainer
+        silence = GaugeMetricFamily('trainguard_oldest_heartbeat_age_seconds',
+                                    'Seconds since the oldest last heartbeat among Running TrainingRuns '
+                                    '(or since the attempt started, before its first)', labels=['namespace'])
+        for namespace, seconds in sorted(state.oldest_heartbeat_seconds.items()):
+            silence.add_metric([namespace], seconds)
+        yield silence
+        streak = GaugeMetricFamily('trainguard_failed_in_a_row',
+                                   'TrainingRuns that ended Failed since the last one that Succeeded, by '
+                                   'completion time (among runs still present)', labels=['namespace'])
+        for namespace, count in sorted(state.failed_in_a_row.items()):
+            streak.add_metric([namespace], count)
+        yield streak
 
 
 class Metrics:
-    def __init__(self, runs: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+    def __init__(self, runs: Callable[[], Iterable[Mapping[str, Any]]],
+                 clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)) -> None:
         self.registry = CollectorRegistry()
-        self.stalls = Counter('trainguard_stalls', 'Hung attempts stopped (pod deleted)', ['reason'],
-                              registry=self.registry)
-        self.transitions = Counter('trainguard_phase_transitions', 'Runs entering a phase', ['phase'],
-                                   registry=self.registry)
+        self.stalls = Counter('trainguard_stalls', 'Hung attempts stopped (pod deleted), by timeout and by the '
+                              "stall report's class", ['namespace', 'reason', 'class'], registry=self.registry)
+        self.transitions = Counter('trainguard_phase_transitions', 'Runs entering a phase, with the reason',
+                                   ['namespace', 'phase', 'reason'], registry=self.registry)
+        self.attempts = Counter('trainguard_attempts', 'Attempts started, by why (PodCreated, Retrying, Resumed, '
+                                'Disrupted)', ['namespace', 'reason'], registry=self.registry)
+        self.retries = Counter('trainguard_retries', 'Failed attempts retried, by the failure retried',
+                               ['namespace', 'reason'], registry=self.registry)
         self.disruptions = Counter('trainguard_disruptions', 'Attempts the cluster took away (drain, preemption, '
-                                   'eviction): retried, not failures', ['reason'], registry=self.registry)
+                                   'eviction): retried, not failures', ['namespace', 'reason'], registry=self.registry)
         self.reconcile_errors = Counter('trainguard_reconcile_errors', 'Reconciles that raised and will be retried',
                                         registry=self.registry)
         self.webhook_failures = Counter('trainguard_webhook_failures',
@@ -45,4 +83,14 @@ class Metrics:
             'trainguard_webhook_registration_failures',
             'Refused or failed attempts to register the MutatingWebhookConfiguration (retried with back-off)',
             registry=self.registry)
-        self.registry.register(_RunsByPhase(runs))
+        self._counters = {'phase_transitions': self.transitions, 'attempts': self.attempts, 'retries': self.retries,
+                          'stalls': self.stalls, 'disruptions': self.disruptions}
+        self.registry.register(_FleetState(runs, clock))
+
+    def count(self, namespace: str, plan: Plan) -> None:
+        """Count what an applied plan did."""
+        patch = plan.status_patch or {}
+        for count in fleet.counted(namespace, phase=patch.get('phase'), reason=patch.get('reason'),
+                                   started_attempt=plan.started_attempt, retried=plan.retried,
+                                   stalled=plan.stalled, stall_class=plan.stall_class, disrupted=plan.disrupted):
+            self._counters[count.metric].labels(**dict(count.labels)).inc()

@@ -71,7 +71,7 @@ class Runtime:
     _resync_task: asyncio.Task[Any] | None = dataclasses.field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(lambda: list(self.runs.values()))
+        self.metrics = Metrics(lambda: list(self.runs.values()), lambda: self.clock())
         self._sweep_executor = concurrent.futures.ThreadPoolExecutor(SWEEP_WORKERS, thread_name_prefix='sweep')
         self._event_executor = concurrent.futures.ThreadPoolExecutor(EVENT_WORKERS, thread_name_prefix='reconcile')
         self._resync_executor = concurrent.futures.ThreadPoolExecutor(RESYNC_WORKERS, thread_name_prefix='resync')
@@ -226,13 +226,7 @@ class Runtime:
             self.api.create_if_absent(child)
         if plan.status_patch:
             self._remember(key, self.api.patch_run_status(namespace, name, plan.status_patch))
-        if plan.stalled:
-            self.metrics.stalls.labels(plan.stalled).inc()
-        if plan.disrupted:
-            self.metrics.disruptions.labels(plan.disrupted).inc()
-        phase = (plan.status_patch or {}).get('phase')
-        if phase:
-            self.metrics.transitions.labels(phase).inc()
+        self.metrics.count(namespace, plan)
         for line in plan.logs:
             logger.info(line)
         now = self.clock()

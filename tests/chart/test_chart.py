@@ -21,7 +21,7 @@ HELM = shutil.which('helm', path=str(BIN)) or shutil.which('helm')
 VALUES_FILES = sorted((CHART / 'ci').glob('*-values.yaml'))
 KUBERNETES_VERSION = '1.33'
 # Kinds whose schemas are not part of Kubernetes itself (CRDs of other projects).
-FOREIGN_KINDS = {'ServiceMonitor', 'Certificate', 'ClusterKopfPeering'}
+FOREIGN_KINDS = {'ServiceMonitor', 'PrometheusRule', 'Certificate', 'ClusterKopfPeering'}
 
 if HELM is None:
     pytest.fail('helm is missing: `make test` installs it into .venv/bin (scripts/install_helm_kubectl.py)',
@@ -114,7 +114,8 @@ def test_kinds_outside_kubernetes_come_from_crds_folder_or_a_documented_prerequi
         kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True)
     from_crds_folder = {crd['spec']['names']['kind'] for crd in chart_crds}
     assert from_crds_folder == {'ClusterKopfPeering'}
-    prerequisites = {'ServiceMonitor': 'prometheus-operator', 'Certificate': 'cert-manager'}
+    prerequisites = {'ServiceMonitor': 'prometheus-operator', 'PrometheusRule': 'prometheus-operator',
+                     'Certificate': 'cert-manager'}
     readme = (CHART / 'README.md').read_text()
     for kind, project in prerequisites.items():
         assert project in readme, f'the chart README must say that {kind} needs {project}'

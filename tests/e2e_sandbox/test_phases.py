@@ -1,18 +1,34 @@
 """Heartbeats in every phase with real trainers: a data preparation longer than the startup
 timeout trains to Succeeded while the status shows it, and one that stops is a ProgressTimeout
 that names the phase. The slow and the hung volume are the trainer's test switches, set in the
-pods' environment by a pod webhook stand-in (the operator knows nothing of them)."""
+pods' environment by a pod webhook stand-in (the operator knows nothing of them).
+
+The operator serves metrics here: the fleet view's figures are read off a scrape while the
+runs go, and every metric the chart's alerts and dashboard name must be in that scrape."""
 
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import re
 import time
+import urllib.request
 from typing import Any
 
 import pytest
 
+from tests.chart.test_chart import HELM
 from tests.e2e_sandbox.test_sandbox import run, wait_for
+from tests.monitoring import (
+    PROMETHEUS_SERIES,
+    dashboard_queries,
+    exported_metric_names,
+    load_dashboard,
+    render_monitoring,
+    selected_metrics,
+)
+from tests.operator.test_webhook import free_port
+from trainguard_sandbox.app import Sandbox
 
 pytestmark = pytest.mark.timeout(240)
 SWITCHES = {   # run name -> the trainer's environment
@@ -29,6 +45,27 @@ def inject_switches(pod: dict[str, Any]) -> None:
             {'name': name, 'value': value} for name, value in SWITCHES.get(run_name, {}).items())
 
 
+@pytest.fixture()
+async def sandbox(tmp_path: pathlib.Path):
+    port = free_port()
+    async with Sandbox(tmp_path, sweep_seconds=1, env={'TRAINGUARD_METRICS_PORT': str(port)}) as running:
+        running.metrics_port = port   # type: ignore[attr-defined]
+        yield running
+
+
+async def scrape(port: int) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as response:
+            return response.read().decode()
+    return await asyncio.get_running_loop().run_in_executor(None, get)
+
+
+def rule_expressions() -> list[str]:
+    """The expressions of the PrometheusRule the chart renders."""
+    (rule,) = [doc for doc in render_monitoring(HELM) if doc['kind'] == 'PrometheusRule']
+    return [item['expr'] for group in rule['spec']['groups'] for item in group['rules']]
+
+
 async def test_a_long_data_preparation_trains_and_a_stopped_one_is_a_hang_naming_its_phase(sandbox):
     assert sandbox.emulator is not None
     sandbox.emulator.pod_create_hooks.append(inject_switches)
@@ -39,11 +76,14 @@ async def test_a_long_data_preparation_trains_and_a_stopped_one_is_a_hang_naming
     await sandbox.apply(run('hung-data', dataset=data, startupTimeoutSeconds=60, progressTimeoutSeconds=6))
 
     activities: set[str] = set()
+    trainer_phases: set[str] = set()
     deadline = time.monotonic() + 200
     while time.monotonic() < deadline:
         slow = await sandbox.run('slow-data')
         status = slow.get('status') or {}
         activities.add((status.get('progress') or {}).get('activity') or '')
+        trainer_phases |= set(re.findall(r'trainguard_running_runs\{namespace="default",trainer_phase="(\w+)"\} [1-9]',
+                                         await scrape(sandbox.metrics_port)))
         if status.get('phase') in ('Succeeded', 'Failed'):
             break
         await asyncio.sleep(0.25)
@@ -56,3 +96,14 @@ async def test_a_long_data_preparation_trains_and_a_stopped_one_is_a_hang_naming
     assert hung['status']['reason'] == 'ProgressTimeout', hung['status']
     assert re.search(r'no progress for \d+s \(last: hung in PreparingData \(\d+/40\), generating\)',
                      hung['status']['message']), hung['status']['message']
+
+    # The fleet view of the same runs, scraped from the operator.
+    assert {'PreparingData', 'Training'} <= trainer_phases, trainer_phases
+    text = await scrape(sandbox.metrics_port)
+    assert 'trainguard_stalls_total{class="NoReport",namespace="default",reason="ProgressTimeout"} 1.0' in text
+    assert 'trainguard_namespace_runs{namespace="default",phase="Succeeded",reason="Succeeded"} 1.0' in text
+    exported = exported_metric_names(text) | PROMETHEUS_SERIES
+    expressions = rule_expressions()
+    assert len(expressions) == 6, expressions
+    for expr in [*expressions, *(expr for _, expr in dashboard_queries(load_dashboard()))]:
+        assert selected_metrics(expr) <= exported, expr

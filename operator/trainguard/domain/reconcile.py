@@ -70,6 +70,9 @@ class Plan:
     heartbeat_problem: str | None = None
     stalled: str | None = None           # StartupTimeout | ProgressTimeout when this plan stops a hung attempt
     disrupted: str | None = None         # the disruption's reason when this plan records one
+    stall_class: str | None = None       # the stall report's class (DataLoaderWorkers, Collective, ...) if any
+    started_attempt: str | None = None   # why this plan starts an attempt: PodCreated, Retrying, Resumed, Disrupted
+    retried: str | None = None           # the reason of the failed attempt this plan retries
 
     @property
     def empty(self) -> bool:
@@ -272,6 +275,7 @@ def _stalled(attempt: _Attempt) -> bool:
     message = verdict.message
     report = parse_stall_report(attempt.annotations.get(STALL_ANNOTATION), attempt.number)
     if report is not None:  # where it hung, from the trainer's watchdog
+        attempt.plan.stall_class = report.kind
         message = f'{message}; {report.summary}'
         attempt.target['stallReport'] = report.to_status()
     attempt.fail(verdict.reason, message)
@@ -427,6 +431,7 @@ def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spe
                    hp: Hyperparameters, attempt: int, settings: Settings, annotations: Mapping[str, str],
                    now: datetime.datetime, reason: str, message: str) -> None:
     pod_settings = dataclasses.replace(settings.pod, heartbeat_seconds=settings.heartbeat_seconds(spec))
+    plan.started_attempt = reason
     hang = _hang_switch(annotations, hp)
     plan.children += [builders.build_service_account(ref), builders.build_role(ref), builders.build_role_binding(ref)]
     if spec.num_nodes > 1:
@@ -454,6 +459,7 @@ def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec
     failed = failed_attempts({**status, **target}) + 1
     target['failedAttempts'] = failed
     if failed <= spec.backoff_limit and reason not in NOT_RETRIED:
+        plan.retried = reason
         plan.events.append(Event('Warning', reason, f'attempt {attempts}: {message}'))
         hp, changes = adapt_for_retry(hp, reason, attempts + 1, spec.retry_policy)
         if changes:

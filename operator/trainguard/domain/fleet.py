@@ -1,0 +1,119 @@
+"""The fleet view: what a platform team running hundreds of runs puts on a screen and pages on.
+
+Two kinds of figures, both pure functions here (the metrics module only exports them):
+
+- **State, computed at scrape time** from the runs the operator sees (:func:`snapshot`): runs
+  by namespace, phase and reason; running runs by what their trainer is doing; the longest
+  silence among running runs; runs failed in a row. Derived from the same cache the operator
+  decides on, so they cannot drift from it, and they survive an operator restart (counters
+  do not).
+- **Events, counted as plans are applied** (:func:`counted`): phase transitions, attempts
+  started and why, retries by the failure retried, stalls by reason and class, disruptions.
+
+Cardinality is bounded: labels are namespaces and closed sets of phases, reasons and classes,
+never a run's name (a run per series would grow without end on a busy cluster).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from trainguard.domain.heartbeat import PHASES as TRAINER_PHASES
+from trainguard.domain.heartbeat import parse_time
+
+PHASES = ('Pending', 'Queued', 'Running', 'Suspended', 'Succeeded', 'Failed')
+
+
+@dataclasses.dataclass(frozen=True)
+class Fleet:
+    runs: Mapping[str, int]                          # phase -> runs (every phase, zeros included)
+    by_reason: Mapping[tuple[str, str, str], int]    # (namespace, phase, reason) -> runs
+    trainer_phases: Mapping[tuple[str, str], int]    # (namespace, trainer phase) -> Running runs
+    oldest_heartbeat_seconds: Mapping[str, float]    # namespace -> longest silence among Running runs
+    failed_in_a_row: Mapping[str, int]               # namespace -> finished runs Failed since the last Succeeded
+
+
+def snapshot(runs: Iterable[Mapping[str, Any]], now: datetime.datetime) -> Fleet:
+    phases: collections.Counter[str] = collections.Counter()
+    by_reason: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    trainer_phases: collections.Counter[tuple[str, str]] = collections.Counter()
+    silence: dict[str, float] = {}
+    finished: dict[str, list[tuple[datetime.datetime, str]]] = collections.defaultdict(list)
+    for run in runs:
+        namespace = (run.get('metadata') or {}).get('namespace') or 'default'
+        status = run.get('status') or {}
+        phase = status.get('phase') or 'Pending'
+        phases[phase] += 1
+        by_reason[(namespace, phase, str(status.get('reason') or ''))] += 1
+        if phase == 'Running':
+            trainer_phases[(namespace, _trainer_phase(status))] += 1
+            since = _last_sign_of_life(status)
+            if since is not None:
+                silence[namespace] = max(silence.get(namespace, 0.0), max(0.0, (now - since).total_seconds()))
+        elif phase in ('Succeeded', 'Failed'):
+            ended = parse_time(status.get('completionTime'))
+            if ended is not None:
+                finished[namespace].append((ended, phase))
+    return Fleet(runs={phase: phases.get(phase, 0) for phase in PHASES}, by_reason=dict(by_reason),
+                 trainer_phases=dict(trainer_phases), oldest_heartbeat_seconds=silence,
+                 failed_in_a_row={namespace: _failed_in_a_row(ends) for namespace, ends in finished.items()})
+
+
+def _trainer_phase(status: Mapping[str, Any]) -> str:
+    """What a running run's trainer is doing: its last beat's phase (an older trainer's beats
+    are Training); NoHeartbeat before the current attempt's first beat."""
+    progress = status.get('progress') or {}
+    beat, started = parse_time(progress.get('lastProgressTime')), parse_time(status.get('attemptStartTime'))
+    if beat is None or (started is not None and beat < started):
+        return 'NoHeartbeat'
+    phase = progress.get('phase')
+    return phase if phase in TRAINER_PHASES else 'Training'
+
+
+def _last_sign_of_life(status: Mapping[str, Any]) -> datetime.datetime | None:
+    """The last heartbeat of the current attempt, else the attempt's start (silent since then)."""
+    started = parse_time(status.get('attemptStartTime'))
+    beat = parse_time((status.get('progress') or {}).get('lastProgressTime'))
+    if beat is not None and (started is None or beat >= started):
+        return beat
+    return started
+
+
+def _failed_in_a_row(ends: list[tuple[datetime.datetime, str]]) -> int:
+    streak = 0
+    for _, phase in sorted(ends, reverse=True):
+        if phase != 'Failed':
+            break
+        streak += 1
+    return streak
+
+
+@dataclasses.dataclass(frozen=True)
+class Count:
+    """One counter increment: the metric's short name and its labels."""
+    metric: str
+    labels: tuple[tuple[str, str], ...]
+
+
+def counted(namespace: str, *, phase: str | None, reason: str | None, started_attempt: str | None,
+            retried: str | None, stalled: str | None, stall_class: str | None,
+            disrupted: str | None) -> list[Count]:
+    """The counter increments one applied plan is worth (what its fields say happened)."""
+    counts: list[Count] = []
+    if phase:
+        counts.append(Count('phase_transitions', (('namespace', namespace), ('phase', phase),
+                                                  ('reason', reason or ''))))
+    if started_attempt:
+        counts.append(Count('attempts', (('namespace', namespace), ('reason', started_attempt))))
+    if retried:
+        counts.append(Count('retries', (('namespace', namespace), ('reason', retried))))
+    if stalled:
+        counts.append(Count('stalls', (('namespace', namespace), ('reason', stalled),
+                                       ('class', stall_class or 'NoReport'))))
+    if disrupted:
+        counts.append(Count('disruptions', (('namespace', namespace), ('reason', disrupted))))
+    return counts
