@@ -47,7 +47,7 @@ def test_heartbeats_follow_steps_and_epochs(tiny, sender):
     # 10 s interval, so only entering a long phase, the first step and each epoch end beat.
     # Data preparation beats as it begins (generating 20 items; tiny streams them: no cache).
     assert [(p['phase'], p.get('detail'), p['epoch'], p['step'], p.get('done')) for p in sender.payloads] == [
-        ('Starting', 'setting up', 0, 0, None), ('PreparingData', 'generating', 0, 0, 0),
+        ('Starting', 'building the model', 0, 0, None), ('PreparingData', 'generating', 0, 0, 0),
         ('Training', None, 1, 1, None), ('Validating', None, 1, 4, 1),
         ('Training', None, 1, 4, None), ('Validating', None, 2, 4, 1), ('Training', None, 2, 4, None)]
     assert [p.get('total') for p in sender.payloads if p['phase'] == 'PreparingData'] == [20]

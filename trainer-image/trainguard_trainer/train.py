@@ -262,8 +262,8 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: 
     log.info('configuration: %s', json.dumps(effective, default=str, sort_keys=True))
 
     heartbeat, stall_sender = _beats(config, cluster, sender, stall_sender, clock, wall_clock)
-    heartbeat.activity('Starting', epochs=config.epochs,
-                       detail=f'joining {cluster.world_size} ranks' if cluster.distributed else 'setting up')
+    if cluster.distributed:
+        heartbeat.activity('Starting', epochs=config.epochs, detail=f'joining {cluster.world_size} ranks')
     store = distributed.start(cluster, decision.device, config.collective_timeout_seconds)
     try:
         return _train(config, decision, cluster, heartbeat, stall_sender, clock,
@@ -295,21 +295,10 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
                         context=(f'rank {cluster.rank} of {cluster.world_size}, DistributedDataParallel: '
                                  'every step waits for all ranks' if cluster.distributed else ''))
 
-    def preparing(stage: str, done: int, total: int) -> None:
-        gang.report(stage, done, total)
-        heartbeat.activity('PreparingData', epochs=config.epochs, done=done, total=total, detail=stage)
-
-    train_loader, val_loader = _loaders(
-        config, decision.num_workers, decision.device, cluster,
-        _Preparation(preparing, slow_seconds=config.simulate_slow_preparation_seconds,
-                     hang_after_items=config.simulate_preparation_hang_after_items))
-    gang.report('ready', 1, 1)
-    if cluster.distributed and cluster.main:
-        def slowest(state: distributed.RankPreparation | None, rank: int) -> None:
-            heartbeat.activity('PreparingData', epochs=config.epochs, detail=f'waiting for rank {rank}',
-                               **({'done': state.done, 'total': state.total} if state else {}))
-
-        gang.wait_until_all_ready(slowest, config.collective_timeout_seconds, clock)
+    # The model, the optimizer (its first parameter group imports torch._dynamo: seconds) and
+    # the checkpoint come first, while set-up is held to the startup timeout; after the data is
+    # prepared only the first step remains before the next beat.
+    heartbeat.activity('Starting', epochs=config.epochs, detail='building the model')
     model = build_model(config).to(decision.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     loss_function = DiceLoss(sigmoid=True)
@@ -342,6 +331,22 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
     if cluster.distributed:
         network = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[cluster.local_rank] if decision.device == 'cuda' else None)
+
+    def preparing(stage: str, done: int, total: int) -> None:
+        gang.report(stage, done, total)
+        heartbeat.activity('PreparingData', epochs=config.epochs, done=done, total=total, detail=stage)
+
+    train_loader, val_loader = _loaders(
+        config, decision.num_workers, decision.device, cluster,
+        _Preparation(preparing, slow_seconds=config.simulate_slow_preparation_seconds,
+                     hang_after_items=config.simulate_preparation_hang_after_items))
+    gang.report('ready', 1, 1)
+    if cluster.distributed and cluster.main:
+        def slowest(report: distributed.RankPreparation | None, rank: int) -> None:
+            heartbeat.activity('PreparingData', epochs=config.epochs, detail=f'waiting for rank {rank}',
+                               **({'done': report.done, 'total': report.total} if report else {}))
+
+        gang.wait_until_all_ready(slowest, config.collective_timeout_seconds, clock)
 
     def save(epoch: int, step: int, seen: float = 0.0, loss_sum: float = 0.0) -> None:
         """Rank 0 writes; ``step`` 0 means the epoch is complete. A collective: every rank calls it."""
