@@ -40,7 +40,7 @@ async def test_an_evicted_pod_is_retried_without_using_the_backoff_budget(api, o
     assert await pod_names(api) == ['drained-2']
     assert 'Disrupted' in [event['reason'] for event in await events_of(api, 'drained')]
     metrics = operator_memo.runtime.metrics
-    assert metrics.disruptions.labels('EvictionByEvictionAPI')._value.get() == 1
+    assert metrics.disruptions.labels('default', 'EvictionByEvictionAPI')._value.get() == 1
     # A real failure afterwards still ends it: the budget (backoffLimit 0) was never touched.
     await set_pod_phase(api, 'drained-2', 'Failed', terminated={'exitCode': 1, 'reason': 'Error'})
     failed = await api.wait_for_run('drained', phase('Failed'))
