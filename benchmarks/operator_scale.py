@@ -17,6 +17,10 @@ Prints figures; asserts nothing. ``make bench`` runs the short version (N = 100 
   Python's CPU time, not threads waiting on sockets); its collapsed stacks go to ``path`` and
   the top entries are printed (``pip install py-spy``).
 - ``BENCH_STALLS=0``: skip the stall phase.
+- ``BENCH_BASELINE_ROUNDS=3``: first, rounds of trainguard against a minimal kopf operator
+  (benchmarks/minimal_operator.py: one pod and one status per run), interleaved, each on a
+  fresh emulator, N = ``BENCH_BASELINE_SIZE`` (200); trainguard's CPU per run is printed as a
+  ratio to the baseline's of the same round. 0: skip.
 """
 
 from __future__ import annotations
@@ -100,11 +104,11 @@ class Bench:
         self.peak_rss = 0
         self.log = (kubeconfig.parent / 'operator.log').open('wb')
 
-    def start_operator(self, profile: str = '') -> None:
+    def start_operator(self, profile: str = '', command: list[str] | None = None) -> None:
         env = {**os.environ, 'KUBECONFIG': str(self.kubeconfig), 'TRAINGUARD_SWEEP_SECONDS': '5'}
         if WEBHOOK:
             env.update(TRAINGUARD_WEBHOOK='on', TRAINGUARD_WEBHOOK_HOST='127.0.0.1', TRAINGUARD_WEBHOOK_PORT='19443')
-        command = [sys.executable, '-m', 'trainguard.cli', 'run', '--standalone']
+        command = command or [sys.executable, '-m', 'trainguard.cli', 'run', '--standalone']
         if profile:
             spy = str(pathlib.Path(sys.executable).parent / 'py-spy')
             command = [spy, 'record', '--gil', '--rate', '100', '--format', 'raw', '--output', profile, '--', *command]
@@ -308,6 +312,42 @@ def summarize_profile(path: pathlib.Path, top: int = 20) -> dict[str, Any]:
             'top_self_percent': {frame: round(100 * n / total, 1) for frame, n in leaf.most_common(top)}}
 
 
+BASELINE = [sys.executable, '-m', 'kopf', 'run', '--standalone', '-A', '--quiet',
+            str(pathlib.Path(__file__).with_name('minimal_operator.py'))]
+
+
+async def one_burst(command: list[str] | None, n: int) -> float:
+    """Operator CPU ms per run, creation to Running, for one operator on a fresh emulator."""
+    emulator = InstantKubelet()
+    with tempfile.TemporaryDirectory() as tmp:
+        kubeconfig = pathlib.Path(tmp) / 'kubeconfig'
+        async with emulated_cluster(kubeconfig, emulator=emulator):
+            bench = Bench(emulator, kubeconfig)
+            bench.start_operator(command=command)
+            try:
+                await asyncio.sleep(3)   # started and watching (both print nothing we could wait for)
+                return float((await burst(bench, n, 'r'))['operator_cpu_ms_per_run'])
+            except Exception:
+                print((kubeconfig.parent / 'operator.log').read_text()[-3000:], file=sys.stderr)
+                raise
+            finally:
+                bench.stop_operator()
+
+
+async def versus_baseline(n: int, rounds: int) -> dict[str, Any]:
+    """trainguard and the minimal kopf operator, alternating, so the machine's drift hits both."""
+    pairs = []
+    for _ in range(rounds):
+        pairs.append((await one_burst(None, n), await one_burst(BASELINE, n)))
+        print(json.dumps({'trainguard_cpu_ms_per_run': pairs[-1][0], 'minimal_kopf_cpu_ms_per_run': pairs[-1][1]}),
+              flush=True)
+    return {'runs': n, 'rounds': rounds,
+            'ratio_median': round(statistics.median(ours / base for ours, base in pairs), 2),
+            'ratios': [round(ours / base, 2) for ours, base in pairs],
+            'trainguard_cpu_ms_per_run': [ours for ours, _ in pairs],
+            'minimal_kopf_cpu_ms_per_run': [base for _, base in pairs]}
+
+
 async def main() -> None:
     default_sizes = [100, 500, 1000] if os.environ.get('BENCH_FULL') else [100, 500]
     sizes = [int(n) for n in os.environ.get('BENCH_SIZES', '').split(',') if n] or default_sizes
@@ -317,6 +357,13 @@ async def main() -> None:
         'machine': f'{os.cpu_count()} cores, Python {sys.version.split()[0]}, load {os.getloadavg()[0]:.2f}',
         'server': 'emulator, 3.6 ms per write, <= 620 writes/s' if service else 'emulator, no service time',
         'webhook': WEBHOOK}
+    baseline_rounds = int(os.environ.get('BENCH_BASELINE_ROUNDS', '3'))
+    if baseline_rounds and not WEBHOOK:
+        # Ratios first: this machine's speed drifts 2-3x within an hour; a ratio to a baseline
+        # measured in the same round does not.
+        results['versus_minimal_kopf'] = await versus_baseline(int(os.environ.get('BENCH_BASELINE_SIZE', '200')),
+                                                               baseline_rounds)
+        print(json.dumps(results['versus_minimal_kopf']), flush=True)
     emulator = InstantKubelet(write_service_seconds=0.0036 if service else 0.0,
                               max_writes_per_second=620.0 if service else 0.0)
     with tempfile.TemporaryDirectory() as tmp:

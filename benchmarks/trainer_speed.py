@@ -1,4 +1,6 @@
-"""Trainer benchmarks: overhead against the bare MONAI loop, and time to the first heartbeat.
+"""Trainer benchmarks: overhead against the bare MONAI loop, and time to the first heartbeat
+against the time a fresh interpreter takes to import torch and MONAI (both measured in the same
+round, interleaved; ratios are printed first).
 
 Prints figures; asserts nothing. Run with `make bench` (or `python benchmarks/trainer_speed.py`).
 """
@@ -62,8 +64,16 @@ def trainer_loop(config: TrainerConfig, output: pathlib.Path) -> list[float]:
     return [row['samples_per_second'] for row in result.history]
 
 
-async def first_heartbeat_seconds(workdir: pathlib.Path) -> float:
-    """From process start to the first progress annotation stored by the (emulated) API server."""
+def import_seconds() -> float:
+    """The baseline of the first heartbeat: a fresh interpreter importing torch and MONAI."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, '-c', 'import torch, monai'], check=True)
+    return time.monotonic() - start
+
+
+async def first_heartbeats(workdir: pathlib.Path) -> tuple[float, float]:
+    """From process start to the first progress annotation the (emulated) API server stored
+    (the Starting beat), and to the first Training beat."""
     workdir.mkdir(parents=True, exist_ok=True)
     async with emulated_cluster(workdir / 'kubeconfig') as emulator:
         async with emulator.post('/apis/trainguard.io/v1alpha1/namespaces/default/trainingruns', json={
@@ -71,6 +81,11 @@ async def first_heartbeat_seconds(workdir: pathlib.Path) -> float:
                 'spec': {}}):
             pass
         key = (kmock.resource('trainguard.io', 'v1alpha1', 'trainingruns'), 'default', 'bench')
+
+        def beat() -> dict:
+            text = (emulator.objects[key].get('metadata', {}).get('annotations') or {}).get('trainguard.io/progress')
+            return json.loads(text) if text else {}
+
         start = time.monotonic()
         process = await asyncio.create_subprocess_exec(
             sys.executable, '-m', 'trainguard_trainer', '--device', 'cpu', '--batch-size', '4', '--resolution', '128',
@@ -78,9 +93,16 @@ async def first_heartbeat_seconds(workdir: pathlib.Path) -> float:
             env={**os.environ, 'KUBECONFIG': str(workdir / 'kubeconfig'), 'TRAINGUARD_RUN_NAME': 'bench'},
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         try:
-            while 'trainguard.io/progress' not in (emulator.objects[key].get('metadata', {}).get('annotations') or {}):
+            first = training = None
+            while training is None:
+                phase = beat().get('phase')
+                if phase and first is None:
+                    first = time.monotonic() - start
+                if phase == 'Training':
+                    training = time.monotonic() - start
                 await asyncio.sleep(0.01)
-            return time.monotonic() - start
+            assert first is not None
+            return first, training
         finally:
             await process.wait()
 
@@ -121,22 +143,37 @@ def settings_comparison(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     rounds = int(os.environ.get('BENCH_ROUNDS', '3'))
-    bare, guarded = [], []
+    bare, guarded, imports, first, training = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(rounds):  # interleaved, so drift of the machine hits both sides alike
             bare += bare_monai_loop(CONFIG)[1:]          # the first epoch warms caches up
             guarded += trainer_loop(CONFIG, pathlib.Path(tmp) / f'run{index}')[1:]
-        heartbeat = [asyncio.run(first_heartbeat_seconds(pathlib.Path(tmp) / f'hb{index}')) for index in range(rounds)]
+            imports.append(import_seconds())
+            beat, step = asyncio.run(first_heartbeats(pathlib.Path(tmp) / f'hb{index}'))
+            first.append(beat)
+            training.append(step)
         comparison = settings_comparison(pathlib.Path(tmp) / 'settings')
+
+    def ratio(values: list[float], baseline: list[float]) -> float:
+        """The median of each round's ratio to its own baseline (same round, same machine state)."""
+        return round(statistics.median(value / base for value, base in zip(values, baseline, strict=True)), 3)
+
     figures = {
+        # Ratios first: this machine's speed drifts 2-3x within an hour; a ratio to a baseline
+        # measured in the same round does not.
+        'ratios': {
+            'trainer_to_bare_monai_samples_per_second': round(statistics.median(guarded) / statistics.median(bare), 3),
+            'first_heartbeat_to_import_torch_monai': ratio(first, imports),
+            'first_training_beat_to_import_torch_monai': ratio(training, imports),
+        },
         'machine': f'{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, '
-                   f'torch {torch.__version__}',
+                   f'torch {torch.__version__}, load {os.getloadavg()[0]:.2f}',
         'settings': 'batch 4, 128px, 0 workers, default UNet (1.6M parameters), 64 training samples',
         'bare_monai_samples_per_second_median': round(statistics.median(bare), 2),
         'trainer_samples_per_second_median': round(statistics.median(guarded), 2),
-        'trainer_to_bare_ratio': round(statistics.median(guarded) / statistics.median(bare), 3),
-        'first_heartbeat_seconds_median': round(statistics.median(heartbeat), 2),
-        'first_heartbeat_seconds_all': [round(value, 2) for value in heartbeat],
+        'import_torch_monai_seconds': [round(value, 2) for value in imports],
+        'first_heartbeat_seconds': [round(value, 2) for value in first],
+        'first_training_beat_seconds': [round(value, 2) for value in training],
         'settings_comparison': comparison,
     }
     print(json.dumps(figures, indent=2))

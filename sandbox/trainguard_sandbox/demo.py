@@ -12,6 +12,9 @@
    ``kubectl drain`` calls it) with backoffLimit 0: the trainer saves its step on SIGTERM, the
    operator records a disruption, and attempt 2 resumes at that step to Succeeded.
 
+While they run it scrapes the operator's /metrics each second and at the end draws the fleet
+dashboard's key panels for these runs into ``fleet.png`` in the workdir (trainguard_sandbox.fleetpicture).
+
 Exits 0 only when all four outcomes happened. Every check waits, with a deadline, for the state
 it verifies and says what it waited for; none samples once after a fixed sleep.
 """
@@ -19,9 +22,11 @@ it verifies and says what it waited for; none samples once after a fixed sleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import pathlib
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +34,7 @@ from typing import Any, TextIO
 
 from trainguard.domain.heartbeat import parse_time
 from trainguard_sandbox.app import Sandbox, load_manifest
+from trainguard_sandbox.fleetpicture import FleetRecorder, draw
 from trainguard_sandbox.pods import PodInstance
 
 # Written into a workdir the demo owns, so a later demo may clear it and nothing else.
@@ -137,7 +143,10 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
         table.note(f'demo not started: {error}')
         return 2
     started = time.monotonic()
-    async with Sandbox(workdir) as sandbox:
+    port = _free_port()
+    recorder = FleetRecorder(f'http://127.0.0.1:{port}/metrics')
+    loop = asyncio.get_running_loop()
+    async with Sandbox(workdir, env={'TRAINGUARD_METRICS_PORT': str(port)}) as sandbox:
         table.note(f'sandbox API at {sandbox.api_url} (kubeconfig: {sandbox.kubeconfig}); '
                    f'trainer output in {workdir / "pods"}')
         for run in (cpu, multinode, hang, drained):
@@ -153,12 +162,15 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
                             table.note(line)
                         shown_optimizations = True
             table.show(render_table(table_rows(runs, datetime.datetime.now(datetime.UTC))))
+            await _scrape(loop, recorder, time.monotonic() - started)
             evicted = evicted or await _drain_when_training(sandbox, runs, drained_name, table)
             phases = {run['metadata']['name']: (run.get('status') or {}).get('phase') for run in runs}
             if all(phase in ('Succeeded', 'Failed') for phase in phases.values()) and len(phases) == 4:
                 break
             await asyncio.sleep(1.0)
         final = {run['metadata']['name']: run for run in await sandbox.runs()}
+        await _scrape(loop, recorder, time.monotonic() - started)
+        picture = _picture(recorder, workdir / 'fleet.png')
         assert sandbox.runner is not None
         hang_pods = [instance for instance in sandbox.runner.instances
                      if instance.name.startswith(hang['metadata']['name'])]
@@ -167,7 +179,33 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
         refused = [message for _, _, message in sandbox.emulator.refusals]
         drain_check = _drain_survived(final.get(drained_name) or {}, workdir / 'pods' / 'default', evicted)
         return _summary(final, cpu['metadata']['name'], multinode['metadata']['name'], hang['metadata']['name'],
-                        processes, refused, drain_check, time.monotonic() - started, table)
+                        processes, refused, drain_check, picture, time.monotonic() - started, table)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return int(probe.getsockname()[1])
+
+
+async def _scrape(loop: asyncio.AbstractEventLoop, recorder: FleetRecorder, seconds: float) -> None:
+    """One scrape of the operator's metrics; a failed one is a gap in the picture, not an error."""
+    with contextlib.suppress(OSError):
+        await loop.run_in_executor(None, recorder.scrape, seconds)
+
+
+def _picture(recorder: FleetRecorder, path: pathlib.Path) -> tuple[bool, str]:
+    """Draw the fleet panels; they must show what the other checks prove happened."""
+    seen = {name: set(lines) for name, lines in recorder.series.items()}
+    stalls = max((points[-1][1] for points in recorder.series.get('trainguard_stalls_total', {}).values()), default=0)
+    disruptions = max((points[-1][1] for points in recorder.series.get('trainguard_disruptions_total', {}).values()),
+                      default=0)
+    panels = draw(recorder, path)
+    trainer_phases = sorted(seen.get('trainguard_running_runs', set()))
+    ok = path.exists() and 'Training' in trainer_phases and stalls >= 1 and disruptions >= 1
+    return ok, (f'fleet view: {len(panels)} dashboard panels from {recorder.scrapes} scrapes drawn into {path} '
+                f'(trainers seen {", ".join(trainer_phases) or "none"}; {stalls:.0f} stall, '
+                f'{disruptions:.0f} disruption)')
 
 
 async def _drain_when_training(sandbox: Sandbox, runs: Sequence[Mapping[str, Any]], name: str,
@@ -213,8 +251,8 @@ async def _processes_stopped(sandbox: Sandbox, pods: list[PodInstance]) -> tuple
 
 
 def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_name: str, hang_name: str,
-             processes: tuple[bool, str], refused: list[str], drain: tuple[bool, str], seconds: float,
-             table: LiveTable) -> int:
+             processes: tuple[bool, str], refused: list[str], drain: tuple[bool, str],
+             picture: tuple[bool, str], seconds: float, table: LiveTable) -> int:
     cpu_status = (final.get(cpu_name) or {}).get('status') or {}
     gang_status = (final.get(multinode_name) or {}).get('status') or {}
     gang_progress = gang_status.get('progress') or {}
@@ -241,6 +279,7 @@ def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_na
          f'{hang_status.get("message", "")}'),
         (processes_gone, f'{hang_name}: {process_text}'),
         drain,
+        picture,
         (not refused, 'RBAC: the operator (manifests/rbac) and every trainer (its run\'s own Role) did all this '
                       'with no request refused' if not refused else f'RBAC refused: {"; ".join(refused[:3])}'),
     ]
