@@ -111,3 +111,13 @@ def test_the_cached_data_path_trains_like_the_streaming_one(tiny, tmp_path, capl
                    sender=RecordingSender())
     assert [row['train_loss'] for row in cached.history] == [row['train_loss'] for row in streamed.history]
     assert 'data path: CacheDataset in RAM' in caplog.text and 'data path: streaming transforms' in caplog.text
+
+
+def test_a_cache_fill_beats_per_item_cached(tiny, sender):
+    """With the cache (the CUDA default), every item cached is progress and beats (no interval
+    here): the training and validation items of the one stage, counted together."""
+    result = train(replace(tiny, data_path='cache', heartbeat_seconds=0.0), sender=sender)
+    caching = [(p['done'], p['total']) for p in sender.payloads
+               if p['phase'] == 'PreparingData' and p.get('detail') == 'caching']
+    assert caching == [(done, 20) for done in range(21)]   # 0 as the stage begins, then 16 train + 4 validation
+    assert len(result.history) == 2
