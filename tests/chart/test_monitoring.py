@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import re
 
+import kubernetes_validate
 import pytest
 from prometheus_client import generate_latest
 
-from tests.chart.test_chart import HELM, by_kind, render
+from tests.chart.test_chart import HELM, KUBERNETES_VERSION, by_kind, render
 from tests.crd_schema import ROOT
 from tests.monitoring import (
     PROMETHEUS_SERIES,
@@ -103,6 +104,8 @@ def test_the_dashboard_is_a_sidecar_configmap_of_the_shipped_json():
     (config_map,) = [doc for doc in by_kind(render_monitoring(HELM), 'ConfigMap')
                      if doc['metadata']['name'].endswith('-dashboard')]
     assert config_map['metadata']['labels']['grafana_dashboard'] == '1'
+    kubernetes_validate.validate(config_map, KUBERNETES_VERSION, strict=True)
+    assert len(config_map['data']['trainguard.json']) < 256 * 1024   # far below a ConfigMap's 1 MiB
     assert json.loads(config_map['data']['trainguard.json']) == load_dashboard()
 
 
