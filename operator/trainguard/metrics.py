@@ -30,34 +30,27 @@ class _FleetState(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         state = fleet.snapshot(self._runs(), self._clock())
-        runs = GaugeMetricFamily('trainguard_runs', 'TrainingRuns the operator sees, by phase', labels=['phase'])
-        for phase, count in state.runs.items():
-            runs.add_metric([phase], count)
-        yield runs
-        by_reason = GaugeMetricFamily('trainguard_namespace_runs', 'TrainingRuns by namespace, phase and reason',
-                                      labels=['namespace', 'phase', 'reason'])
-        for (namespace, phase, reason), count in sorted(state.by_reason.items()):
-            by_reason.add_metric([namespace, phase, reason], count)
-        yield by_reason
-        trainer = GaugeMetricFamily('trainguard_running_runs',
-                                    'Running TrainingRuns by what the trainer last said it was doing '
-                                    '(Starting, PreparingData, Training, Validating, Checkpointing, NoHeartbeat)',
-                                    labels=['namespace', 'trainer_phase'])
-        for (namespace, trainer_phase), count in sorted(state.trainer_phases.items()):
-            trainer.add_metric([namespace, trainer_phase], count)
-        yield trainer
-        silence = GaugeMetricFamily('trainguard_oldest_heartbeat_age_seconds',
-                                    'Seconds since the oldest last heartbeat among Running TrainingRuns '
-                                    '(or since the attempt started, before its first)', labels=['namespace'])
-        for namespace, seconds in sorted(state.oldest_heartbeat_seconds.items()):
-            silence.add_metric([namespace], seconds)
-        yield silence
-        streak = GaugeMetricFamily('trainguard_failed_in_a_row',
-                                   'TrainingRuns that ended Failed since the last one that Succeeded, by '
-                                   'completion time (among runs still present)', labels=['namespace'])
-        for namespace, count in sorted(state.failed_in_a_row.items()):
-            streak.add_metric([namespace], count)
-        yield streak
+        yield _family('trainguard_runs', 'TrainingRuns the operator sees, by phase', ['phase'],
+                      {(phase,): count for phase, count in state.runs.items()})
+        yield _family('trainguard_namespace_runs', 'TrainingRuns by namespace, phase and reason',
+                      ['namespace', 'phase', 'reason'], state.by_reason)
+        yield _family('trainguard_running_runs', 'Running TrainingRuns by what the trainer last said it was doing '
+                      '(Starting, PreparingData, Training, Validating, Checkpointing, NoHeartbeat)',
+                      ['namespace', 'trainer_phase'], state.trainer_phases)
+        yield _family('trainguard_oldest_heartbeat_age_seconds', 'Seconds since the oldest last heartbeat among '
+                      'Running TrainingRuns (or since the attempt started, before its first)', ['namespace'],
+                      {(namespace,): seconds for namespace, seconds in state.oldest_heartbeat_seconds.items()})
+        yield _family('trainguard_failed_in_a_row', 'TrainingRuns that ended Failed since the last one that '
+                      'Succeeded, by completion time (among runs still present)', ['namespace'],
+                      {(namespace,): count for namespace, count in state.failed_in_a_row.items()})
+
+
+def _family(name: str, documentation: str, labels: list[str],
+            values: Mapping[tuple[str, ...], float]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for label_values, value in sorted(values.items()):
+        family.add_metric(list(label_values), value)
+    return family
 
 
 class Metrics:
