@@ -1,7 +1,9 @@
 """The progress heartbeat: patched into the run's trainguard.io/progress annotation.
 
-It is called from the training loop after optimizer steps, never from a timer thread: a
-hung loop must stop beating, or the operator could not tell it is hung.
+It is called where the trainer makes progress, in every phase (Starting, PreparingData: an
+item generated or cached, Training: an optimizer step, Validating: a batch, Checkpointing),
+never from a timer thread: a hung phase must stop beating, or the operator could not tell it
+is hung.
 """
 
 from __future__ import annotations
