@@ -41,7 +41,9 @@ async def test_a_two_node_run_trains_as_one_gang_and_succeeds(sandbox):
         assert running['status']['nodes'] == '2/2', running['status']
     done = await wait_for(sandbox, 'pair', ('Succeeded', 'Failed'))
     status = done['status']
-    assert status['phase'] == 'Succeeded', (status.get('reason'), status.get('message'))
+    logs = {pod: (sandbox.workdir / 'pods' / 'default' / f'{pod}.log').read_text(errors='replace')[-4000:]
+            for pod in gang_pods(sandbox, 'pair')}
+    assert status['phase'] == 'Succeeded', (status.get('reason'), status.get('message'), logs)
     assert status['progress']['worldSize'] == 2 and status['progress']['percent'] == 100
     assert status['podName'] == 'pair-1-0' and status['nodes'] == '0/2'
     assert gang_pods(sandbox, 'pair') == ['pair-1-0', 'pair-1-1']

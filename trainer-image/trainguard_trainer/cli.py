@@ -8,6 +8,7 @@ and a message naming the flag.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import pathlib
@@ -153,6 +154,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A native crash (SIGSEGV, SIGABRT from C++) prints every thread's Python stack to the log.
+    faulthandler.enable()
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', stream=sys.stdout)
     config = parse_config(list(sys.argv[1:] if argv is None else argv), os.environ)
     sender = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import logging
 import time
@@ -146,9 +147,19 @@ class GangPreparation:
             sleep(0.1)
 
 
-def stop(cluster: Cluster) -> None:
-    if cluster.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def stop(cluster: Cluster, *, finished: bool = False) -> None:
+    """Leave the process group. ``finished``: every rank completed training, so they first meet
+    at a barrier (no rank tears its connections down while a peer's last collective is in
+    flight). Either way DistributedDataParallel's reducer, which sits in reference cycles, is
+    collected while the group and the interpreter are alive: left to the interpreter's
+    shutdown, gloo work it holds was seen to abort a finished rank (SIGABRT, "terminate called
+    without an active exception"; pytorch/pytorch#179291 describes the same teardown)."""
+    if not (cluster.distributed and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def broadcast(cluster: Cluster, value: Any) -> Any:

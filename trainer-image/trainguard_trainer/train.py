@@ -266,10 +266,13 @@ def train(config: TrainerConfig, *, sender: Sender | None = None, stall_sender: 
         heartbeat.activity('Starting', epochs=config.epochs, detail=f'joining {cluster.world_size} ranks')
     store = distributed.start(cluster, decision.device, config.collective_timeout_seconds)
     try:
-        return _train(config, decision, cluster, heartbeat, stall_sender, clock,
-                      distributed.GangPreparation(store, cluster))
-    finally:
-        distributed.stop(cluster)
+        result = _train(config, decision, cluster, heartbeat, stall_sender, clock,
+                        distributed.GangPreparation(store, cluster))
+    except BaseException:
+        distributed.stop(cluster)   # no barrier: a peer may be gone, or stopped elsewhere
+        raise
+    distributed.stop(cluster, finished=True)
+    return result
 
 
 def _beats(config: TrainerConfig, cluster: distributed.Cluster, sender: Sender | None, stall_sender: Sender | None,
