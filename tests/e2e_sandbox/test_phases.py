@@ -12,7 +12,6 @@ import asyncio
 import pathlib
 import re
 import time
-import urllib.request
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from tests.monitoring import (
     render_monitoring,
     selected_metrics,
 )
+from tests.operator.test_metrics import scrape
 from tests.operator.test_webhook import free_port
 from trainguard_sandbox.app import Sandbox
 
@@ -51,13 +51,6 @@ async def sandbox(tmp_path: pathlib.Path):
     async with Sandbox(tmp_path, sweep_seconds=1, env={'TRAINGUARD_METRICS_PORT': str(port)}) as running:
         running.metrics_port = port   # type: ignore[attr-defined]
         yield running
-
-
-async def scrape(port: int) -> str:
-    def get() -> str:
-        with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as response:
-            return response.read().decode()
-    return await asyncio.get_running_loop().run_in_executor(None, get)
 
 
 def rule_expressions() -> list[str]:
