@@ -24,6 +24,7 @@ from typing import Any
 
 from trainguard.domain.heartbeat import PHASES as TRAINER_PHASES
 from trainguard.domain.heartbeat import parse_time
+from trainguard.domain.stall import current_attempt_beat
 
 PHASES = ('Pending', 'Queued', 'Running', 'Suspended', 'Succeeded', 'Failed')
 
@@ -66,21 +67,15 @@ def snapshot(runs: Iterable[Mapping[str, Any]], now: datetime.datetime) -> Fleet
 def _trainer_phase(status: Mapping[str, Any]) -> str:
     """What a running run's trainer is doing: its last beat's phase (an older trainer's beats
     are Training); NoHeartbeat before the current attempt's first beat."""
-    progress = status.get('progress') or {}
-    beat, started = parse_time(progress.get('lastProgressTime')), parse_time(status.get('attemptStartTime'))
-    if beat is None or (started is not None and beat < started):
+    if current_attempt_beat(status) is None:
         return 'NoHeartbeat'
-    phase = progress.get('phase')
+    phase = (status.get('progress') or {}).get('phase')
     return phase if phase in TRAINER_PHASES else 'Training'
 
 
 def _last_sign_of_life(status: Mapping[str, Any]) -> datetime.datetime | None:
     """The last heartbeat of the current attempt, else the attempt's start (silent since then)."""
-    started = parse_time(status.get('attemptStartTime'))
-    beat = parse_time((status.get('progress') or {}).get('lastProgressTime'))
-    if beat is not None and (started is None or beat >= started):
-        return beat
-    return started
+    return current_attempt_beat(status) or parse_time(status.get('attemptStartTime'))
 
 
 def _failed_in_a_row(ends: list[tuple[datetime.datetime, str]]) -> int:

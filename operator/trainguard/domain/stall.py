@@ -36,8 +36,8 @@ def judge_stall(status: Mapping[str, Any], now: datetime.datetime, *,
     if attempt_start is None:
         return Healthy(None)
     progress = status.get('progress') or {}
-    last_beat = parse_time(progress.get('lastProgressTime'))
-    if last_beat is None or last_beat < attempt_start:
+    last_beat = current_attempt_beat(status)
+    if last_beat is None:
         silent = _silence(attempt_start, startup_timeout, now)
         if isinstance(silent, Healthy):
             return silent
@@ -55,6 +55,16 @@ def judge_stall(status: Mapping[str, Any], now: datetime.datetime, *,
     if isinstance(silent, Healthy):
         return silent
     return Stalled('ProgressTimeout', f'no progress for {silent}s (last: {describe_progress(progress)})', silent)
+
+
+def current_attempt_beat(status: Mapping[str, Any]) -> datetime.datetime | None:
+    """When the operator saw the current attempt's last heartbeat; None before its first (a
+    beat from before the attempt started belongs to an earlier attempt)."""
+    started = parse_time(status.get('attemptStartTime'))
+    beat = parse_time((status.get('progress') or {}).get('lastProgressTime'))
+    if beat is None or (started is not None and beat < started):
+        return None
+    return beat
 
 
 def _setup(progress: Mapping[str, Any]) -> str:
