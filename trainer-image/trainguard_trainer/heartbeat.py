@@ -12,6 +12,7 @@ import datetime
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -115,9 +116,5 @@ class Heartbeat:
 def send_starting(sender: Sender, epochs: int, now: datetime.datetime, world_size: int = 1) -> None:
     """The first beat, as soon as the process can send one (before torch and MONAI are
     imported): the run shows the trainer started and its startup clock stops. Never raises."""
-    try:
-        sender({'phase': 'Starting', 'detail': 'importing torch and MONAI', 'epoch': 0, 'epochs': epochs,
-                'step': 0, 'steps': 0, 'worldSize': world_size,
-                'time': now.astimezone(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')})
-    except Exception as error:  # the API being away must never stop training
-        log.warning('heartbeat failed (will retry at the next beat): %s', error)
+    Heartbeat(sender, 0.0, time.monotonic, lambda: now, world_size=world_size).activity(
+        'Starting', epochs=epochs, detail='importing torch and MONAI')
