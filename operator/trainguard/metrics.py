@@ -1,8 +1,8 @@
 """Prometheus metrics: the fleet view (trainguard.domain.fleet) and the operator's own health.
 
-Every metric here is named in charts/trainguard/files/ (the PrometheusRule and the Grafana
-dashboard); tests/operator/test_metrics.py scrapes a running operator and checks that each
-query there names a metric this module really exports.
+The chart's PrometheusRule and Grafana dashboard query these metrics: tests/chart/test_monitoring.py
+holds every query against this registry, tests/e2e_sandbox/test_phases.py against a scrape of
+the running operator.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from prometheus_client.registry import Collector
 
 from trainguard.domain import fleet
 from trainguard.domain.reconcile import Plan
-
-PHASES = fleet.PHASES
 
 
 class _FleetState(Collector):

@@ -7,6 +7,7 @@ operator over HTTP against it.
 from __future__ import annotations
 
 import pathlib
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -103,3 +104,10 @@ async def emulated_cluster(
     async with emulator, kmock.Server(emulator, port=port) as server:
         write_kubeconfig(kubeconfig, str(server.url).rstrip('/'))
         yield emulator
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the kernel's pick; free again once the probe closes)."""
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return int(probe.getsockname()[1])

@@ -26,7 +26,6 @@ import contextlib
 import datetime
 import pathlib
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +33,7 @@ from typing import Any, TextIO
 
 from trainguard.domain.heartbeat import parse_time
 from trainguard_sandbox.app import Sandbox, load_manifest
+from trainguard_sandbox.cluster import free_port
 from trainguard_sandbox.fleetpicture import FleetRecorder, draw
 from trainguard_sandbox.pods import PodInstance
 
@@ -143,7 +143,7 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
         table.note(f'demo not started: {error}')
         return 2
     started = time.monotonic()
-    port = _free_port()
+    port = free_port()
     recorder = FleetRecorder(f'http://127.0.0.1:{port}/metrics')
     loop = asyncio.get_running_loop()
     async with Sandbox(workdir, env={'TRAINGUARD_METRICS_PORT': str(port)}) as sandbox:
@@ -180,12 +180,6 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
         drain_check = _drain_survived(final.get(drained_name) or {}, workdir / 'pods' / 'default', evicted)
         return _summary(final, cpu['metadata']['name'], multinode['metadata']['name'], hang['metadata']['name'],
                         processes, refused, drain_check, picture, time.monotonic() - started, table)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        return int(probe.getsockname()[1])
 
 
 async def _scrape(loop: asyncio.AbstractEventLoop, recorder: FleetRecorder, seconds: float) -> None:

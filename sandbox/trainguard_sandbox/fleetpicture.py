@@ -18,14 +18,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from trainguard.domain import fleet, heartbeat
+
 # chart_files/ is a link to charts/trainguard/files/ (packaged like manifests/).
 DASHBOARD = pathlib.Path(__file__).parent / 'chart_files' / 'dashboard.json'
 # Series of the key panels: metric name -> the label that names a line.
 KEPT = {'trainguard_runs': 'phase', 'trainguard_running_runs': 'trainer_phase',
         'trainguard_oldest_heartbeat_age_seconds': 'namespace', 'trainguard_attempts_total': 'reason',
         'trainguard_stalls_total': 'class', 'trainguard_disruptions_total': 'reason'}
-TRAINER_PHASES = ('NoHeartbeat', 'Starting', 'PreparingData', 'Training', 'Validating', 'Checkpointing')
-RUN_PHASES = ('Pending', 'Queued', 'Running', 'Suspended', 'Succeeded', 'Failed')
+TRAINER_PHASES = ('NoHeartbeat', *heartbeat.PHASES)
+RUN_PHASES = fleet.PHASES
 # One colour per state, the same wherever it is drawn (red only for what went wrong).
 COLOURS = {'Pending': '#b0b0b0', 'Queued': '#e6c229', 'Running': '#4c72b0', 'Suspended': '#c4a484',
            'Succeeded': '#55a868', 'Failed': '#c44e52', 'NoHeartbeat': '#d0d0d0', 'Starting': '#8c8c8c',

@@ -32,7 +32,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -40,6 +39,8 @@ from typing import Any
 
 import aiohttp
 import psutil
+
+from trainguard_sandbox.cluster import free_port
 
 log = logging.getLogger(__name__)
 POD_SELECTOR = 'app.kubernetes.io/managed-by=trainguard'
@@ -197,9 +198,7 @@ class LocalPodRunner:
         if env.get('PET_NNODES', '1') == '1':
             key += (pod['metadata']['uid'],)  # a single-pod job is a gang of its own
         if key not in self._master_ports:
-            with socket.socket() as probe:
-                probe.bind(('127.0.0.1', 0))
-                self._master_ports[key] = probe.getsockname()[1]
+            self._master_ports[key] = free_port()
         env['PET_MASTER_ADDR'] = '127.0.0.1'
         env['PET_MASTER_PORT'] = str(self._master_ports[key])
 

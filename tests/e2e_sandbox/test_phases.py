@@ -27,8 +27,8 @@ from tests.monitoring import (
     selected_metrics,
 )
 from tests.operator.test_metrics import scrape
-from tests.operator.test_webhook import free_port
 from trainguard_sandbox.app import Sandbox
+from trainguard_sandbox.cluster import free_port
 
 pytestmark = pytest.mark.timeout(240)
 SWITCHES = {   # run name -> the trainer's environment

@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 
 from tests.operator.test_lifecycle import beat, beat_and_wait, phase, start_running
-from tests.operator.test_webhook import free_port
 from trainguard.domain.config import config_from_env
+from trainguard_sandbox.cluster import free_port
 
 pytestmark = pytest.mark.looptime(noop_cycles=2000)
 

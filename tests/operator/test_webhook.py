@@ -11,7 +11,6 @@ import asyncio
 import base64
 import copy
 import json
-import socket
 import ssl
 import uuid
 
@@ -26,18 +25,13 @@ from tests.operator.test_lifecycle import CPU_RUN, phase
 from trainguard.domain.config import config_from_env
 from trainguard.handlers import register
 from trainguard.webhook import generate_certificates
+from trainguard_sandbox.cluster import free_port
 from trainguard_sandbox.inprocess import OperatorRunner
 
 pytestmark = pytest.mark.timeout(90)
 CONFIGS = kmock.resource('admissionregistration.k8s.io', 'v1', 'mutatingwebhookconfigurations')
 ORIGINAL = 'trainguard.io/original-hyperparameters'
 SAFE = {'batchSize': 4, 'numWorkers': 0, 'epochs': 2, 'learningRate': 0.01, 'resolution': 128, 'cropSize': 128}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def webhook_operator(memo: kopf.Memo, **env: str) -> OperatorRunner:
