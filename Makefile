@@ -30,7 +30,8 @@ $(CHECKOV):
 tools: $(BIN)/helm $(CHECKOV)
 
 # The whole loop locally: emulated API server, the real operator, trainer pods as local processes.
-demo: venv
+# helm renders the chart's ServiceMonitor and alerts for the demo's real Prometheus (where installed).
+demo: venv $(BIN)/helm
 	$(BIN)/trainguard-operator sandbox --demo --workdir $(CURDIR)/out/demo
 
 # The same on a real local cluster (needs Docker and kind): images, helm install, samples.

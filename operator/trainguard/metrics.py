@@ -8,6 +8,7 @@ the running operator.
 from __future__ import annotations
 
 import datetime
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -77,9 +78,24 @@ class Metrics:
         self._counters = {'phase_transitions': self.transitions, 'attempts': self.attempts, 'retries': self.retries,
                           'stalls': self.stalls, 'disruptions': self.disruptions}
         self.registry.register(_FleetState(runs, clock))
+        self._namespaces: set[str] = set()
+        self._namespaces_lock = threading.Lock()
+
+    def namespace_seen(self, namespace: str) -> None:
+        """Create the namespace's counter series at 0 the first time a run there is seen, so
+        Prometheus has a 0 before the first event and increase() sees it (fleet.initial_counts)."""
+        if namespace in self._namespaces:
+            return
+        with self._namespaces_lock:
+            if namespace in self._namespaces:
+                return
+            for count in fleet.initial_counts(namespace):
+                self._counters[count.metric].labels(**dict(count.labels))
+            self._namespaces.add(namespace)
 
     def count(self, namespace: str, plan: Plan) -> None:
         """Count what an applied plan did."""
+        self.namespace_seen(namespace)
         patch = plan.status_patch or {}
         for count in fleet.counted(namespace, phase=patch.get('phase'), reason=patch.get('reason'),
                                    started_attempt=plan.started_attempt, retried=plan.retried,

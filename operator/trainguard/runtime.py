@@ -72,6 +72,8 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: list(self.runs.values()), lambda: self.clock())
+        for namespace in self.config.namespaces:   # known before any run: their series exist from the start
+            self.metrics.namespace_seen(namespace)
         self._sweep_executor = concurrent.futures.ThreadPoolExecutor(SWEEP_WORKERS, thread_name_prefix='sweep')
         self._event_executor = concurrent.futures.ThreadPoolExecutor(EVENT_WORKERS, thread_name_prefix='reconcile')
         self._resync_executor = concurrent.futures.ThreadPoolExecutor(RESYNC_WORKERS, thread_name_prefix='resync')
@@ -87,6 +89,7 @@ class Runtime:
         wrote is our write or newer; any other status is from before it.
         """
         key = (body['metadata']['namespace'], body['metadata']['name'])
+        self.metrics.namespace_seen(key[0])
         with self._guard:
             if not (body.get('status') or {}).get('phase'):
                 self._first_seen.setdefault(key, self.clock())

@@ -12,8 +12,11 @@
    ``kubectl drain`` calls it) with backoffLimit 0: the trainer saves its step on SIGTERM, the
    operator records a disruption, and attempt 2 resumes at that step to Succeeded.
 
-While they run it scrapes the operator's /metrics each second and at the end draws the fleet
-dashboard's key panels for these runs into ``fleet.png`` in the workdir (trainguard_sandbox.fleetpicture).
+While they run, a real Prometheus (where ``prometheus`` and ``helm`` are installed) scrapes the
+operator as prometheus-operator would from the chart's ServiceMonitor and evaluates the chart's
+alerts: the hang must fire ``TrainguardRunStalled`` for the run's namespace, and ``fleet.png``
+in the workdir is drawn from the dashboard's own queries answered by it. Elsewhere the demo
+scrapes /metrics each second itself and says so (trainguard_sandbox.fleetpicture).
 
 Exits 0 only when all four outcomes happened. Every check waits, with a deadline, for the state
 it verifies and says what it waited for; none samples once after a fixed sleep.
@@ -26,15 +29,17 @@ import contextlib
 import datetime
 import pathlib
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from trainguard.domain.heartbeat import parse_time
+from trainguard_sandbox import prometheus
 from trainguard_sandbox.app import Sandbox, load_manifest
 from trainguard_sandbox.cluster import free_port
-from trainguard_sandbox.fleetpicture import FleetRecorder, draw
+from trainguard_sandbox.fleetpicture import FleetRecorder, Panel, draw, prometheus_panels
 from trainguard_sandbox.pods import PodInstance
 
 # Written into a workdir the demo owns, so a later demo may clear it and nothing else.
@@ -135,7 +140,6 @@ def prepare_workdir(workdir: pathlib.Path) -> str:
 async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: TextIO = sys.stdout) -> int:
     cpu, multinode, hang, drained = (load_manifest(SAMPLES / name) for name in (
         'cpu-run.yaml', 'multinode-run.yaml', 'multinode-hang-demo-run.yaml', 'drain-resilient-run.yaml'))
-    drained_name = drained['metadata']['name']
     table = LiveTable(stream)
     try:
         table.note(prepare_workdir(workdir))
@@ -145,7 +149,41 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
     started = time.monotonic()
     port = free_port()
     recorder = FleetRecorder(f'http://127.0.0.1:{port}/metrics')
+    fleet = _start_prometheus(workdir / 'prometheus', port, table)
+    try:
+        return await _run(workdir, timeout, table, started, recorder, fleet, port,
+                          cpu, multinode, hang, drained)
+    finally:
+        if fleet is not None:
+            fleet.stop()
+
+
+def _start_prometheus(workdir: pathlib.Path, port: int, table: LiveTable) -> prometheus.LocalPrometheus | None:
+    """A real Prometheus fed from the chart, or None (and one line saying why)."""
+    missing = prometheus.available()
+    if missing is None:
+        try:
+            documents = prometheus.render_chart()
+            server = prometheus.LocalPrometheus(
+                workdir, [prometheus.scrape_config(documents, f'127.0.0.1:{port}', 'trainguard-sandbox')],
+                prometheus.rule_file(prometheus.one_of_kind(documents, 'PrometheusRule')))
+            server.start()
+        except (OSError, RuntimeError, TimeoutError, subprocess.SubprocessError) as error:
+            missing = f'prometheus did not start ({error})'
+        else:
+            table.note(f'fleet view: a real Prometheus at {server.url} scrapes the operator as the chart\'s '
+                       'ServiceMonitor says and evaluates the chart\'s alerts')
+            return server
+    table.note(f'fleet view: {missing}; the demo scrapes the operator itself and draws from that')
+    return None
+
+
+async def _run(workdir: pathlib.Path, timeout: float, table: LiveTable, started: float, recorder: FleetRecorder,
+               fleet: prometheus.LocalPrometheus | None, port: int, cpu: dict[str, Any], multinode: dict[str, Any],
+               hang: dict[str, Any], drained: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
+    drained_name = drained['metadata']['name']
+    wall_start = time.time()
     async with Sandbox(workdir, env={'TRAINGUARD_METRICS_PORT': str(port)}) as sandbox:
         table.note(f'sandbox API at {sandbox.api_url} (kubeconfig: {sandbox.kubeconfig}); '
                    f'trainer output in {workdir / "pods"}')
@@ -162,15 +200,25 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
                             table.note(line)
                         shown_optimizations = True
             table.show(render_table(table_rows(runs, datetime.datetime.now(datetime.UTC))))
-            await _scrape(loop, recorder, time.monotonic() - started)
+            if fleet is None:
+                await _scrape(loop, recorder, time.monotonic() - started)
             evicted = evicted or await _drain_when_training(sandbox, runs, drained_name, table)
             phases = {run['metadata']['name']: (run.get('status') or {}).get('phase') for run in runs}
             if all(phase in ('Succeeded', 'Failed') for phase in phases.values()) and len(phases) == 4:
                 break
             await asyncio.sleep(1.0)
         final = {run['metadata']['name']: run for run in await sandbox.runs()}
-        await _scrape(loop, recorder, time.monotonic() - started)
-        picture = _picture(recorder, workdir / 'fleet.png')
+        if fleet is None:
+            await _scrape(loop, recorder, time.monotonic() - started)
+            picture = _picture(recorder.panels(), workdir / 'fleet.png', f'{recorder.scrapes} scrapes of the '
+                               'operator\'s /metrics by the demo')
+            alerts = None
+        else:
+            alerts = await _alerts(fleet, hang['metadata'].get('namespace') or 'default')
+            panels = await loop.run_in_executor(None, lambda: prometheus_panels(
+                fleet.query_range, wall_start, time.time(), 1.0, '4s'))
+            picture = _picture(panels, workdir / 'fleet.png', 'the dashboard\'s queries answered by a real '
+                               'Prometheus')
         assert sandbox.runner is not None
         hang_pods = [instance for instance in sandbox.runner.instances
                      if instance.name.startswith(hang['metadata']['name'])]
@@ -179,7 +227,7 @@ async def run_demo(workdir: pathlib.Path, *, timeout: float = 300.0, stream: Tex
         refused = [message for _, _, message in sandbox.emulator.refusals]
         drain_check = _drain_survived(final.get(drained_name) or {}, workdir / 'pods' / 'default', evicted)
         return _summary(final, cpu['metadata']['name'], multinode['metadata']['name'], hang['metadata']['name'],
-                        processes, refused, drain_check, picture, time.monotonic() - started, table)
+                        processes, refused, drain_check, picture, alerts, time.monotonic() - started, table)
 
 
 async def _scrape(loop: asyncio.AbstractEventLoop, recorder: FleetRecorder, seconds: float) -> None:
@@ -188,18 +236,37 @@ async def _scrape(loop: asyncio.AbstractEventLoop, recorder: FleetRecorder, seco
         await loop.run_in_executor(None, recorder.scrape, seconds)
 
 
-def _picture(recorder: FleetRecorder, path: pathlib.Path) -> tuple[bool, str]:
+def _picture(panels: list[Panel], path: pathlib.Path, source: str) -> tuple[bool, str]:
     """Draw the fleet panels; they must show what the other checks prove happened."""
-    seen = {name: set(lines) for name, lines in recorder.series.items()}
-    stalls = max((points[-1][1] for points in recorder.series.get('trainguard_stalls_total', {}).values()), default=0)
-    disruptions = max((points[-1][1] for points in recorder.series.get('trainguard_disruptions_total', {}).values()),
-                      default=0)
-    panels = draw(recorder, path)
-    trainer_phases = sorted(seen.get('trainguard_running_runs', set()))
-    ok = path.exists() and 'Training' in trainer_phases and stalls >= 1 and disruptions >= 1
-    return ok, (f'fleet view: {len(panels)} dashboard panels from {recorder.scrapes} scrapes drawn into {path} '
-                f'(trainers seen {", ".join(trainer_phases) or "none"}; {stalls:.0f} stall, '
-                f'{disruptions:.0f} disruption)')
+    titles = draw(panels, path, source)
+    events = panels[3].lines
+    stalls = max((value for line, points in events.items() if line.startswith('stalls') for _, value in points),
+                 default=0)
+    disruptions = max((value for line, points in events.items() if line.startswith('disruptions')
+                       for _, value in points), default=0)
+    trainer_phases = sorted(line for line, points in panels[1].lines.items() if any(value for _, value in points))
+    ok = path.exists() and 'Training' in trainer_phases and stalls > 0 and disruptions > 0
+    return ok, (f'fleet view: {len(titles)} dashboard panels from {source} drawn into {path} '
+                f'(trainers seen {", ".join(trainer_phases) or "none"}; stalls seen: {stalls > 0}, '
+                f'disruptions seen: {disruptions > 0})')
+
+
+async def _alerts(fleet: prometheus.LocalPrometheus, namespace: str) -> tuple[bool, str]:
+    """The chart's alerts as the real Prometheus evaluated them: the hang fired TrainguardRunStalled
+    for the run's namespace (not the operator's), and TrainguardOperatorDown is quiet."""
+    def stalled() -> list[dict[str, Any]]:
+        return [alert for alert in fleet.alerts() if alert['labels']['alertname'] == 'TrainguardRunStalled'
+                and alert['state'] == 'firing']
+    try:
+        firing = await fleet.wait_for('TrainguardRunStalled firing', stalled, timeout=30)
+    except TimeoutError as error:
+        return False, f'alerts: {error}'
+    names = sorted({alert['labels']['alertname'] for alert in fleet.alerts()})
+    labels = firing[0]['labels']
+    ok = [alert['labels'].get('namespace') for alert in firing] == [namespace] and 'TrainguardOperatorDown' not in names
+    return ok, (f'alerts: TrainguardRunStalled fired in a real Prometheus for namespace {labels.get("namespace")} '
+                f'({labels.get("reason")}, class {labels.get("class")}): "{firing[0]["annotations"]["summary"]}"; '
+                f'alerts pending or firing: {", ".join(names)}')
 
 
 async def _drain_when_training(sandbox: Sandbox, runs: Sequence[Mapping[str, Any]], name: str,
@@ -246,7 +313,7 @@ async def _processes_stopped(sandbox: Sandbox, pods: list[PodInstance]) -> tuple
 
 def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_name: str, hang_name: str,
              processes: tuple[bool, str], refused: list[str], drain: tuple[bool, str],
-             picture: tuple[bool, str], seconds: float, table: LiveTable) -> int:
+             picture: tuple[bool, str], alerts: tuple[bool, str] | None, seconds: float, table: LiveTable) -> int:
     cpu_status = (final.get(cpu_name) or {}).get('status') or {}
     gang_status = (final.get(multinode_name) or {}).get('status') or {}
     gang_progress = gang_status.get('progress') or {}
@@ -274,6 +341,7 @@ def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_na
         (processes_gone, f'{hang_name}: {process_text}'),
         drain,
         picture,
+        *([alerts] if alerts is not None else []),
         (not refused, 'RBAC: the operator (manifests/rbac) and every trainer (its run\'s own Role) did all this '
                       'with no request refused' if not refused else f'RBAC refused: {"; ".join(refused[:3])}'),
     ]

@@ -27,6 +27,12 @@ async def test_stalls_and_phases_are_exported(api, operator, operator_memo):
     operator_memo.config = config_from_env({'TRAINGUARD_METRICS_PORT': str(port)})
     await operator.start()
     await start_running(api, 'hung')
+    # Before the first stall its series is there at 0, so Prometheus sees the stall as an increase.
+    before = await scrape(port)
+    assert 'trainguard_stalls_total{class="NoReport",namespace="default",reason="ProgressTimeout"} 0.0' in before
+    assert 'trainguard_disruptions_total{namespace="default",reason="EvictionByEvictionAPI"} 0.0' in before
+    assert 'trainguard_phase_transitions_total{namespace="default",phase="Failed",reason="ProgressTimeout"} 0.0' \
+        in before
     await beat_and_wait(api, 'hung', step=2)
     await api.wait_for_run('hung', phase('Failed'), timeout=60 + 15)
     text = await scrape(port)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime
+from typing import Any
 
 import pytest
 
-from trainguard.domain.fleet import Count, counted, snapshot
+from trainguard.domain.fleet import Count, counted, initial_counts, series_per_namespace, snapshot
 
 NOW = datetime.datetime(2026, 12, 2, 12, 0, 0, tzinfo=datetime.UTC)
 
@@ -89,3 +90,64 @@ def test_reconcile_says_which_attempt_it_starts_and_which_failure_it_retries():
     hung = stored(progress={'lastProgressTime': OLD, 'epoch': 1, 'epochs': 2, 'step': 1, 'steps': 16})
     stalled = machine.reconcile(hung, RUNNING, RECONCILED, machine.Settings())
     assert (stalled.stalled, stalled.stall_class, stalled.started_attempt) == ('ProgressTimeout', None, None)
+
+
+def test_every_counter_a_rule_reads_exists_at_zero_in_a_namespace_before_its_first_event():
+    counts = initial_counts('ml')
+    assert len(counts) == len(set(counts)) == series_per_namespace() == 46
+    by_metric = {metric: {dict(count.labels).get('reason') for count in counts if count.metric == metric}
+                 for metric in ('attempts', 'retries', 'stalls', 'disruptions')}
+    assert by_metric['attempts'] == {'PodCreated', 'Retrying', 'Resumed', 'Disrupted'}
+    assert by_metric['stalls'] == {'StartupTimeout', 'ProgressTimeout'}
+    assert {dict(count.labels)['class'] for count in counts if count.metric == 'stalls'} == {
+        'DataLoaderWorkers', 'Collective', 'DataRead', 'Unknown', 'NoReport'}
+    assert {'EvictionByEvictionAPI', 'PreemptionByScheduler', 'StoppedByKueue', 'Other'} <= by_metric['disruptions']
+    assert all(dict(count.labels)['namespace'] == 'ml' for count in counts)
+
+
+@pytest.mark.parametrize(('field', 'value', 'counted_as'), [
+    ('disrupted', 'SomeNewClusterReason', 'Other'), ('retried', 'SomethingElse', 'Other'),
+    ('stall_class', 'Brand-new', 'Unknown'),
+], ids=['disruption', 'retry', 'stall-class'])
+def test_a_value_outside_a_closed_set_is_counted_in_the_set(field, value, counted_as):
+    arguments = {'phase': None, 'reason': None, 'started_attempt': None, 'retried': None, 'stalled': None,
+                 'stall_class': None, 'disrupted': None, field: value}
+    if field == 'stall_class':
+        arguments['stalled'] = 'ProgressTimeout'
+    (count,) = counted('ml', **arguments)
+    assert counted_as in dict(count.labels).values()
+    assert count in initial_counts('ml')
+
+
+def situation_plans() -> list[tuple[str, Any]]:
+    """(row id, plan) of every row of the reconcile situation tables."""
+    from tests.unit import test_situations as situations
+    from tests.unit.test_gang import NOW as RECONCILED
+    from trainguard.domain import reconcile as machine
+
+    plans = []
+    for test in (situations.test_situations, situations.test_disruption_suspend_and_deadline_situations,
+                 situations.test_queued_situations):
+        (mark,) = [mark for mark in test.pytestmark if mark.name == 'parametrize']
+        for index, row in enumerate(mark.args[1]):
+            plans.append((mark.kwargs['ids'][index], machine.reconcile(row[0], row[1], RECONCILED,
+                                                                       machine.Settings())))
+    return plans
+
+
+def test_every_count_the_reconcile_tables_produce_was_created_at_zero():
+    """The class check: a new reason added to the state machine must join its closed set, or its
+    first event is invisible to increase() again (and would be counted as Other here)."""
+    initial = set(initial_counts('default'))
+    checked = 0
+    for row, plan in situation_plans():
+        patch = plan.status_patch or {}
+        for count in counted('default', phase=patch.get('phase'), reason=patch.get('reason'),
+                             started_attempt=plan.started_attempt, retried=plan.retried, stalled=plan.stalled,
+                             stall_class=plan.stall_class, disrupted=plan.disrupted):
+            if count.metric == 'phase_transitions' and dict(count.labels)['phase'] not in ('Succeeded', 'Failed'):
+                continue   # read by no rule or panel with increase()
+            assert 'Other' not in dict(count.labels).values(), (row, count)
+            assert count in initial, (row, count)
+            checked += 1
+    assert checked >= 20

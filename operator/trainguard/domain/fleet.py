@@ -24,9 +24,30 @@ from typing import Any
 
 from trainguard.domain.heartbeat import PHASES as TRAINER_PHASES
 from trainguard.domain.heartbeat import parse_time
+from trainguard.domain.pods import DISRUPTION_REASONS, TRAINER_EXIT_REASONS
 from trainguard.domain.stall import current_attempt_beat
+from trainguard.domain.stallreport import CLASSES as STALL_REPORT_CLASSES
 
 PHASES = ('Pending', 'Queued', 'Running', 'Suspended', 'Succeeded', 'Failed')
+
+# The closed label sets of the counters. Prometheus sees a labelled series only from its first
+# sample, so a counter born at 1 has no increase() and an alert on it never fires for the first
+# event: every set below exists at 0 in a namespace from the moment the operator first sees a
+# run there (initial_counts). A value outside its set is counted as OTHER, so the sets stay
+# closed and the series count per namespace stays what the README says (series_per_namespace).
+OTHER = 'Other'
+HANG_REASONS = ('StartupTimeout', 'ProgressTimeout')
+STALL_CLASSES = (*STALL_REPORT_CLASSES, 'NoReport')
+ATTEMPT_REASONS = ('PodCreated', 'Retrying', 'Resumed', 'Disrupted')
+# Why an attempt fails by the training's (or its pod's) fault: retried within backoffLimit.
+ATTEMPT_FAILURES = (*HANG_REASONS, 'PodFailed', 'OOMKilled', 'PodDeleted', *TRAINER_EXIT_REASONS, OTHER)
+# Why a run ends Failed: an attempt's failure, or the run's own limits.
+RUN_FAILURES = (*ATTEMPT_FAILURES[:-1], 'InvalidSpec', 'DeadlineExceeded', 'TooManyDisruptions', OTHER)
+# Kueue's TerminationTarget says StoppedByKueue, or the eviction's reason (Preempted, ...).
+DISRUPTIONS = (*DISRUPTION_REASONS, 'StoppedByKueue', 'Preempted', OTHER)
+# Only the transitions into an ending phase are read with increase() (runs ending, by phase and
+# reason); the others carry the pod's own waiting reasons and are born at their first event.
+ENDINGS = (('Succeeded', 'Succeeded'), *(('Failed', reason) for reason in RUN_FAILURES))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,21 +115,45 @@ class Count:
     labels: tuple[tuple[str, str], ...]
 
 
+def initial_counts(namespace: str) -> list[Count]:
+    """Every label set of every counter a rule or panel reads with increase() or rate(), for one
+    namespace: created at 0 before the first event, so the first event is an increase."""
+    return [*(Count('phase_transitions', (('namespace', namespace), ('phase', phase), ('reason', reason)))
+              for phase, reason in ENDINGS),
+            *(Count('attempts', (('namespace', namespace), ('reason', reason))) for reason in ATTEMPT_REASONS),
+            *(Count('retries', (('namespace', namespace), ('reason', reason))) for reason in ATTEMPT_FAILURES),
+            *(Count('stalls', (('namespace', namespace), ('reason', reason), ('class', kind)))
+              for reason in HANG_REASONS for kind in STALL_CLASSES),
+            *(Count('disruptions', (('namespace', namespace), ('reason', reason))) for reason in DISRUPTIONS)]
+
+
+def series_per_namespace() -> int:
+    """How many counter series one namespace costs (the README's metrics table says it)."""
+    return len(initial_counts('-'))
+
+
+def _closed(value: str | None, allowed: tuple[str, ...], fallback: str = OTHER) -> str:
+    return value if value in allowed else fallback
+
+
 def counted(namespace: str, *, phase: str | None, reason: str | None, started_attempt: str | None,
             retried: str | None, stalled: str | None, stall_class: str | None,
             disrupted: str | None) -> list[Count]:
     """The counter increments one applied plan is worth (what its fields say happened)."""
     counts: list[Count] = []
     if phase:
+        if phase == 'Failed':
+            reason = _closed(reason, RUN_FAILURES)
         counts.append(Count('phase_transitions', (('namespace', namespace), ('phase', phase),
                                                   ('reason', reason or ''))))
     if started_attempt:
-        counts.append(Count('attempts', (('namespace', namespace), ('reason', started_attempt))))
+        counts.append(Count('attempts', (('namespace', namespace),
+                                         ('reason', _closed(started_attempt, ATTEMPT_REASONS)))))
     if retried:
-        counts.append(Count('retries', (('namespace', namespace), ('reason', retried))))
+        counts.append(Count('retries', (('namespace', namespace), ('reason', _closed(retried, ATTEMPT_FAILURES)))))
     if stalled:
-        counts.append(Count('stalls', (('namespace', namespace), ('reason', stalled),
-                                       ('class', stall_class or 'NoReport'))))
+        counts.append(Count('stalls', (('namespace', namespace), ('reason', _closed(stalled, HANG_REASONS)),
+                                       ('class', _closed(stall_class or 'NoReport', STALL_CLASSES, 'Unknown')))))
     if disrupted:
-        counts.append(Count('disruptions', (('namespace', namespace), ('reason', disrupted))))
+        counts.append(Count('disruptions', (('namespace', namespace), ('reason', _closed(disrupted, DISRUPTIONS)))))
     return counts

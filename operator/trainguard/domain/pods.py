@@ -19,6 +19,8 @@ _TRAINER_EXITS = {
     EXIT_GPU_OUT_OF_MEMORY: ('GPUOutOfMemory', f'CUDA ran out of memory (exit code {EXIT_GPU_OUT_OF_MEMORY})'),
     EXIT_STOPPED: ('Stopped', f'the trainer was stopped (SIGTERM) and saved a checkpoint (exit code {EXIT_STOPPED})'),
 }
+# The reasons those exits give an attempt (EXIT_STOPPED's only ends an attempt being stopped).
+TRAINER_EXIT_REASONS = tuple(reason for reason, _ in _TRAINER_EXITS.values())
 
 # The cluster took the pod, the training did nothing wrong: a disruption (retried whole, not
 # counted against backoffLimit). kube-apiserver and the kubelet set DisruptionTarget with one of

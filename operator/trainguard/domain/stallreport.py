@@ -18,6 +18,8 @@ STALL_ANNOTATION = 'trainguard.io/stall-report'
 MAX_LINE = 300
 MAX_LINES = 12
 MAX_TOTAL = 2048
+# What classify() answers: where the main thread of a stalled trainer waits.
+CLASSES = ('DataLoaderWorkers', 'Collective', 'DataRead', 'Unknown')
 _CONTROL = re.compile(r'[\x00-\x1f\x7f]+')
 
 
