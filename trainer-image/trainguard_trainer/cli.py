@@ -166,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # The first beat, before torch and MONAI load (seconds): the run shows the trainer
         # started. Without a run it goes to the log, where the first-heartbeat benchmark reads it.
-        sender = KubernetesSender(config.run_name, config.run_namespace) if config.run_name else log_only
+        sender = KubernetesSender(config.run_name, config.run_namespace,
+                                  retry_cap_seconds=config.heartbeat_seconds) if config.run_name else log_only
         world_size = os.environ.get('WORLD_SIZE', '1')
         send_starting(sender, config.epochs, datetime.datetime.now(datetime.UTC),
                       int(world_size) if world_size.isdigit() and int(world_size) > 0 else 1)

@@ -8,10 +8,13 @@ is hung.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
 import os
+import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -35,26 +38,109 @@ def log_stall_only(payload: dict[str, Any]) -> None:
 
 
 class KubernetesSender:
-    """Merge-patches the run's annotation with the official client (in-cluster, else $KUBECONFIG)."""
+    """Merge-patches the run's annotation with the official client (in-cluster, else $KUBECONFIG),
+    from a thread of its own, so an API that is slow or away never blocks a training step.
 
-    def __init__(self, name: str, namespace: str, annotation: str = ANNOTATION) -> None:
-        import kubernetes  # imported here: local runs without a cluster never need it
+    A call only hands the payload over: the newest replaces one not yet sent (never a backlog,
+    the operator wants the latest progress). The thread sends it with bounded timeouts; a
+    failed send is retried with exponential back-off and jitter, capped at ``retry_cap_seconds``
+    (the heartbeat interval), so the first beat after the API returns arrives within one
+    interval. It logs once when the API becomes unreachable, once past ``unreachable_limit_seconds``
+    (training goes on regardless: a finished run with unreported progress is still finished),
+    and once when it is back. At exit it waits up to ``final_seconds`` for the last beat.
+    """
 
-        if os.environ.get('KUBERNETES_SERVICE_HOST'):
+    def __init__(self, name: str, namespace: str, annotation: str = ANNOTATION, *,
+                 retry_cap_seconds: float = 10.0, unreachable_limit_seconds: float = 120.0,
+                 final_seconds: float = 15.0, timeout: tuple[float, float] = (5.0, 10.0),
+                 api: Any = None) -> None:
+        if api is None:
+            import kubernetes  # imported here: local runs without a cluster never need it
+
             configuration = kubernetes.client.Configuration()
-            kubernetes.config.load_incluster_config(client_configuration=configuration)
-            client = kubernetes.client.ApiClient(configuration)
-        else:
-            client = kubernetes.config.new_client_from_config(
-                config_file=os.environ.get('KUBECONFIG') or os.path.expanduser('~/.kube/config'))
-        self._api = kubernetes.client.CustomObjectsApi(client)
+            if os.environ.get('KUBERNETES_SERVICE_HOST'):
+                kubernetes.config.load_incluster_config(client_configuration=configuration)
+            else:
+                kubernetes.config.load_kube_config(
+                    config_file=os.environ.get('KUBECONFIG') or os.path.expanduser('~/.kube/config'),
+                    client_configuration=configuration)
+            configuration.retries = 0   # our own retries, with back-off; urllib3's would hold the thread
+            api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(configuration))
+        self._api = api
         self._name, self._namespace, self._annotation = name, namespace, annotation
+        self._retry_cap, self._limit, self._final, self._timeout = (
+            retry_cap_seconds, unreachable_limit_seconds, final_seconds, timeout)
+        self._pending: dict[str, Any] | None = None
+        self._busy = False
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f'heartbeat-{annotation}', daemon=True)
+        self._thread.start()
+        atexit.register(self.flush)
+        self.sent = 0
+        self.failures = 0
 
     def __call__(self, payload: dict[str, Any]) -> None:
+        with self._condition:
+            self._pending = payload     # the newest replaces one not yet sent
+            self._condition.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait (bounded) until the newest payload was sent; False if it could not be."""
+        deadline = time.monotonic() + (self._final if timeout is None else timeout)
+        with self._condition:
+            while self._pending is not None or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning('the API did not take the last %s before exit; the operator has the one before',
+                                self._annotation)
+                    return False
+                self._condition.wait(left)
+        return True
+
+    def _patch(self, payload: dict[str, Any]) -> None:
         self._api.patch_namespaced_custom_object(
             'trainguard.io', 'v1alpha1', self._namespace, 'trainingruns', self._name,
             {'metadata': {'annotations': {self._annotation: json.dumps(payload, sort_keys=True)}}},
-            _content_type='application/merge-patch+json')
+            _content_type='application/merge-patch+json', _request_timeout=self._timeout)
+
+    def _run(self) -> None:
+        unreachable_since: float | None = None
+        said_limit = False
+        delay = 0.0
+        while True:
+            with self._condition:
+                while self._pending is None:
+                    self._condition.wait()
+                payload, self._pending, self._busy = self._pending, None, True
+            try:
+                self._patch(payload)
+            except Exception as error:  # the API being away must never stop training
+                self.failures += 1
+                now = time.monotonic()
+                if unreachable_since is None:
+                    unreachable_since = now
+                    log.warning('the API is unreachable (%s: %s); training goes on, the latest %s is retried',
+                                type(error).__name__, str(error)[:200], self._annotation)
+                elif not said_limit and now - unreachable_since > self._limit:
+                    said_limit = True
+                    log.warning('the API has been unreachable for %.0fs; training goes on and reports its '
+                                'progress when the API returns', now - unreachable_since)
+                with self._condition:
+                    if self._pending is None:
+                        self._pending = payload   # retried unless a newer one came meanwhile
+                    self._busy = False
+                    self._condition.notify_all()
+                delay = min(self._retry_cap, max(0.5, delay * 2))
+                time.sleep(delay * random.uniform(0.5, 1.0))   # jitter: a cluster's trainers do not retry in step
+                continue
+            self.sent += 1
+            if unreachable_since is not None:
+                log.info('the API is reachable again after %.0fs; the latest %s was sent',
+                         time.monotonic() - unreachable_since, self._annotation)
+            unreachable_since, said_limit, delay = None, False, 0.0
+            with self._condition:
+                self._busy = False
+                self._condition.notify_all()
 
 
 class Heartbeat:

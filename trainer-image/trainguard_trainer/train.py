@@ -281,9 +281,11 @@ def _beats(config: TrainerConfig, cluster: distributed.Cluster, sender: Sender |
     if not cluster.main:
         sender, stall_sender = _no_beat, log_stall_only  # each rank's stall report still goes to its log
     if sender is None:
-        sender = KubernetesSender(config.run_name, config.run_namespace) if config.run_name else log_only
+        sender = KubernetesSender(config.run_name, config.run_namespace,
+                                  retry_cap_seconds=config.heartbeat_seconds) if config.run_name else log_only
     if stall_sender is None:
-        stall_sender = (KubernetesSender(config.run_name, config.run_namespace, STALL_ANNOTATION)
+        stall_sender = (KubernetesSender(config.run_name, config.run_namespace, STALL_ANNOTATION,
+                                         retry_cap_seconds=config.heartbeat_seconds)
                         if config.run_name else log_stall_only)
     return Heartbeat(sender, config.heartbeat_seconds, clock, wall_clock, world_size=cluster.world_size), stall_sender
 
