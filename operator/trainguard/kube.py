@@ -11,10 +11,11 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes
+import urllib3
 from kubernetes.client import ApiException
 
 from trainguard import GROUP, PLURAL, VERSION
@@ -32,6 +33,8 @@ _PATHS = {  # the collection each child kind is created in
 }
 _RUN = f'/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}'
 _MUTATING_CONFIGS = '/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations'
+# Answers that mean no API server is there to answer (a proxy or load balancer in front of it).
+_UNAVAILABLE = frozenset({502, 503, 504})
 
 
 class KubeApi:
@@ -46,8 +49,12 @@ class KubeApi:
     required but a server left out (a kubelet that has not reported ``imageID`` yet).
     """
 
-    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+    def __init__(self, client: kubernetes.client.ApiClient, *, timeout: tuple[float, float] = (5.0, 30.0)) -> None:
         self.client = client
+        self.timeout = timeout   # (connect, read) for every request: an API that hangs must not hold a worker
+        # Told whether each request found an API that answers (trainguard.domain.observer):
+        # True for any HTTP answer but 502-504; False for no connection, a timeout, or those.
+        self.on_contact: Callable[[bool], None] = lambda answered: None
 
     @classmethod
     def from_environment(cls) -> KubeApi:
@@ -65,11 +72,24 @@ class KubeApi:
         headers = {'Accept': 'application/json', **({'Content-Type': content_type} if body is not None else {})}
         request = self.client.param_serialize(method, path, query_params=query or [], body=body,
                                               auth_settings=['BearerToken'], header_params=headers)
-        response = self.client.call_api(*request)
-        data = response.read()  # the whole body: it also hands the connection back to the pool
+        try:
+            response = self.client.call_api(*request, _request_timeout=self.timeout)
+            data = response.read()  # the whole body: it also hands the connection back to the pool
+        except (urllib3.exceptions.HTTPError, OSError):
+            self.on_contact(False)
+            raise
+        self.on_contact(response.status not in _UNAVAILABLE)
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=data.decode('utf-8', 'replace'), data=None)
         return json.loads(data)
+
+    def probe(self) -> bool:
+        """Whether the API answers now (GET /version: every identity may read it)."""
+        try:
+            self._call('GET', '/version')
+        except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError):
+            return False
+        return True
 
     def create_if_absent(self, body: Mapping[str, Any]) -> bool:
         """Create a child; an existing one (a handler that ran twice) is left as it is."""
@@ -124,6 +144,14 @@ class KubeApi:
                 return False
             raise
         return True
+
+    def read_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call('GET', _RUN.format(namespace=namespace, name=name))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
 
     def patch_run(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         return self._call('PATCH', _RUN.format(namespace=namespace, name=name), dict(patch), content_type=MERGE_PATCH)

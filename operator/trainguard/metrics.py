@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -75,6 +75,18 @@ class Metrics:
             'trainguard_webhook_registration_failures',
             'Refused or failed attempts to register the MutatingWebhookConfiguration (retried with back-off)',
             registry=self.registry)
+        self.api_reachable = Gauge('trainguard_api_reachable', 'Whether the operator can reach the API server now '
+                                   '(while it cannot, no run is judged on its silence)', registry=self.registry)
+        self.api_reachable.set(1)
+        self.api_outages = Counter('trainguard_api_outages', 'Spans the operator could not reach the API server',
+                                   registry=self.registry)
+        self.api_outage_seconds = Counter('trainguard_api_outage_seconds', 'Seconds the operator could not reach '
+                                          'the API server (silence then is held against no run)',
+                                          registry=self.registry)
+        self.mass_silence = Gauge('trainguard_mass_silence', 'Whether most running runs are silent at once now: '
+                                  'none is stopped (Stalled=Unknown) until heartbeats return', registry=self.registry)
+        self.mass_silences = Counter('trainguard_mass_silences', 'Times most running runs went silent at once',
+                                     registry=self.registry)
         self._counters = {'phase_transitions': self.transitions, 'attempts': self.attempts, 'retries': self.retries,
                           'stalls': self.stalls, 'disruptions': self.disruptions}
         self.registry.register(_FleetState(runs, clock))

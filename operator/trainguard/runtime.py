@@ -14,17 +14,21 @@ import dataclasses
 import datetime
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from trainguard.domain import observer
 from trainguard.domain import reconcile as machine
 from trainguard.domain.builders import RUN_LABEL, attempt_pod_names
 from trainguard.domain.config import Config
+from trainguard.domain.heartbeat import PROGRESS_ANNOTATION
 from trainguard.domain.pods import PodState, observe_deleted_pod, observe_pod
 from trainguard.domain.spec import MAX_NODES
 from trainguard.domain.stall import due_for_sweep
+from trainguard.domain.stallreport import STALL_ANNOTATION
 from trainguard.kube import KubeApi
 from trainguard.metrics import Metrics
 
@@ -46,6 +50,12 @@ def _num_nodes(run: Mapping[str, Any]) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_NODES else 1
 
 
+def _beats(run: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """What the trainer last wrote on its run: its heartbeat and its stall report."""
+    annotations = (run.get('metadata') or {}).get('annotations') or {}
+    return annotations.get(PROGRESS_ANNOTATION), annotations.get(STALL_ANNOTATION)
+
+
 def system_clock() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -63,6 +73,9 @@ class Runtime:
     _warned: dict[RunKey, str] = dataclasses.field(default_factory=dict)
     _written: dict[RunKey, str] = dataclasses.field(default_factory=dict)  # resourceVersion of our last write
     _first_seen: dict[RunKey, datetime.datetime] = dataclasses.field(default_factory=dict)  # runs without a status
+    _observed_since: dict[RunKey, datetime.datetime] = dataclasses.field(default_factory=dict)  # first event here
+    api_view: observer.ApiView = dataclasses.field(init=False)
+    _mass_silence: str | None = dataclasses.field(default=None, init=False)
     _guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     metrics: Metrics = dataclasses.field(init=False)
     _sweep_executor: concurrent.futures.ThreadPoolExecutor = dataclasses.field(init=False)
@@ -72,6 +85,10 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: list(self.runs.values()), lambda: self.clock())
+        # The view starts now: a run is not judged on silence from before this process could see it.
+        self.api_view = observer.ApiView(since=self.clock())
+        if self.api is not None:   # tests of the view alone pass none
+            self.api.on_contact = self._contact
         for namespace in self.config.namespaces:   # known before any run: their series exist from the start
             self.metrics.namespace_seen(namespace)
         self._sweep_executor = concurrent.futures.ThreadPoolExecutor(SWEEP_WORKERS, thread_name_prefix='sweep')
@@ -91,6 +108,9 @@ class Runtime:
         key = (body['metadata']['namespace'], body['metadata']['name'])
         self.metrics.namespace_seen(key[0])
         with self._guard:
+            # When this process (a restart, a new leader) first heard of the run: it is not
+            # judged on silence from before that (trainguard.domain.observer).
+            self._observed_since.setdefault(key, self.clock())
             if not (body.get('status') or {}).get('phase'):
                 self._first_seen.setdefault(key, self.clock())
             else:
@@ -112,6 +132,7 @@ class Runtime:
             self._warned.pop(key, None)
             self._written.pop(key, None)
             self._first_seen.pop(key, None)
+            self._observed_since.pop(key, None)
             self._locks.pop(key, None)
         attempts = int(((run or {}).get('status') or {}).get('attempts') or 0)
         nodes = _num_nodes(run or {})
@@ -145,9 +166,54 @@ class Runtime:
             view = self._pod_view(run)
             assert view is not None  # read=True: an unobserved pod is read from the API
             plan = machine.reconcile(run, view, self.clock(), self.config.settings,
-                                     first_seen=self._first_seen.get(key))
+                                     first_seen=self._first_seen.get(key), view=self.view_of(key))
+            if plan.stalled:
+                # Before stopping a run, read it: a watch that was cut (an API outage, a
+                # reconnect) may not have delivered its latest beat yet, and a cache is only
+                # as fresh as its watch. One GET per stall, never on the hot path.
+                fresh = self.api.read_run(*key)
+                if fresh is None:
+                    return None
+                if _beats(fresh) != _beats(run):
+                    self.observe_run(fresh)
+                    run = self.runs.get(key, run)
+                    plan = machine.reconcile(run, view, self.clock(), self.config.settings,
+                                             first_seen=self._first_seen.get(key), view=self.view_of(key))
             self._apply(key, run, plan, logger)
             return plan
+
+    def view_of(self, key: RunKey) -> observer.View:
+        """What the operator could observe of this run: its view of the API, from when it first
+        heard of the run at the latest, and whether most runs went silent at once."""
+        view = self.api_view.view(self._mass_silence)
+        heard = self._observed_since.get(key)
+        if heard is not None and view.since is not None and heard > view.since:
+            view = dataclasses.replace(view, since=heard)
+        return view
+
+    def _contact(self, answered: bool) -> None:
+        """Each request's outcome (KubeApi.on_contact), from any thread."""
+        now = self.clock()
+        with self._guard:
+            if answered:
+                outage = self.api_view.answered(now)
+            else:
+                outage = None
+                if self.api_view.failed(now):
+                    self.metrics.api_reachable.set(0)
+                    logging.getLogger(__name__).warning(
+                        'the API server is unreachable: no run is judged on silence until it answers again')
+        if outage is not None:
+            self._regained(outage)
+
+    def _regained(self, outage: observer.Outage) -> None:
+        self.metrics.api_reachable.set(1)
+        self.metrics.api_outages.inc()
+        self.metrics.api_outage_seconds.inc(outage.seconds)
+        logging.getLogger(__name__).warning('%s', outage.message()[0].upper() + outage.message()[1:])
+        pod, namespace = os.environ.get('POD_NAME'), os.environ.get('POD_NAMESPACE')
+        if pod and namespace:   # an Event on the operator's own Pod, where `kubectl describe` shows it
+            self.api.post_pod_event(namespace, pod, 'Warning', 'ApiUnreachable', outage.message(), self.clock())
 
     async def reconcile_soon(self, key: RunKey, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
         """Reconcile after a watch event: on the loop when the event changes nothing (decided
@@ -178,7 +244,7 @@ class Runtime:
             if view is None:
                 return False
             plan = machine.reconcile(run, view, self.clock(), self.config.settings,
-                                     first_seen=self._first_seen.get(key))
+                                     first_seen=self._first_seen.get(key), view=self.view_of(key))
             problem = plan.heartbeat_problem
             return plan.empty and not (problem and self._warned.get(key) != problem)
         finally:
@@ -273,9 +339,14 @@ class Runtime:
         while True:
             await asyncio.sleep(self.config.sweep_seconds)
             sweeps += 1
+            # Can the operator hear the API at all? Requests tell it too; the probe also covers
+            # a quiet spell with nothing to write. While it cannot, nothing is judged.
+            if not await loop.run_in_executor(self._sweep_executor, self.api.probe):
+                continue
             now = self.clock()
             grace = self.config.settings.first_status_grace_seconds
             runs = list(self.runs.items())
+            self._judge_mass_silence(runs, now, logger)
             due = [key for key, run in runs
                    if due_for_sweep(run, now, resync=False, first_seen=self._first_seen.get(key), grace=grace)]
             if sweeps % RESYNC_SWEEPS == 0 and (self._resync_task is None or self._resync_task.done()):
@@ -287,6 +358,21 @@ class Runtime:
             # run side by side (each run has its own lock); one after another, 50 simultaneous
             # stalls took 15 s longer to act on (benchmarks/README.md).
             await self._sweep_all(loop, due, logger, self._sweep_executor)
+
+    def _judge_mass_silence(self, runs: list[tuple[RunKey, dict[str, Any]]], now: datetime.datetime,
+                            logger: logging.Logger) -> None:
+        """Most running runs silent at once: the observer's problem, not theirs (domain.observer)."""
+        running = [(key, run) for key, run in runs if (run.get('status') or {}).get('phase') == 'Running']
+        silent = sum(1 for key, run in running
+                     if machine.silent_past_grace(run, self.view_of(key), now, self.config.settings))
+        message = observer.mass_silence(len(running), silent)
+        if message and not self._mass_silence:
+            logger.warning('%s', message)
+            self.metrics.mass_silences.inc()
+        elif self._mass_silence and not message:
+            logger.warning('heartbeats are back: running runs are judged on their silence again')
+        self.metrics.mass_silence.set(1 if message else 0)
+        self._mass_silence = message
 
     async def _sweep_all(self, loop: asyncio.AbstractEventLoop, keys: list[RunKey], logger: logging.Logger,
                          executor: concurrent.futures.ThreadPoolExecutor) -> None:

@@ -55,6 +55,7 @@ import attrs
 import jsonpatch
 import kmock
 from kmock._internal import apps, parsing, rendering  # the extension points kmock's own subclasses use
+from kubernetes.utils.quantity import parse_quantity
 
 from trainguard_sandbox import admission, rbac
 from trainguard_sandbox import crd as crd_checks
@@ -378,7 +379,11 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         if self._has_status_subresource(request.resource):
             body.pop('status', None)  # the API server ignores status on create
             if (request.resource.group, request.resource.plural) == ('', 'pods'):
+                # kube-apiserver's pod strategy: every new pod is Pending, with its QoS class.
+                body['status'] = {'phase': 'Pending', 'qosClass': _qos_class(body)}
                 _mark_gated(body)
+            elif (request.resource.group, request.resource.plural) == ('', 'services'):
+                body['status'] = {'loadBalancer': {}}
         metadata['uid'] = str(uuid.uuid4())
         metadata['resourceVersion'] = self._next_resource_version()
         metadata['generation'] = 1
@@ -631,6 +636,26 @@ def _admit_pod(obj: dict[str, Any], old: Mapping[str, Any] | None,
                                          f'Forbidden: only deletion is allowed, but found new scheduling gate '
                                          f'\'{added[0]}\'')
     _mark_gated(obj)
+
+
+def _qos_class(pod: Mapping[str, Any]) -> str:
+    """The pod's QoS class as kube-apiserver computes it (pkg/apis/core/helper/qos): Guaranteed
+    when every container limits CPU and memory and requests (defaulted to the limits) equal them;
+    BestEffort with no request or limit at all; Burstable otherwise."""
+    spec = pod.get('spec') or {}
+    containers = [*(spec.get('containers') or []), *(spec.get('initContainers') or [])]
+    guaranteed, anything = True, False
+    for container in containers:
+        resources = container.get('resources') or {}
+        limits, requests = resources.get('limits') or {}, resources.get('requests') or {}
+        wanted = {name: value for name, value in {**limits, **requests}.items() if name in ('cpu', 'memory')}
+        anything = anything or any(parse_quantity(value) != 0 for value in wanted.values())
+        for name in ('cpu', 'memory'):
+            if name not in limits or parse_quantity(requests.get(name, limits[name])) != parse_quantity(limits[name]):
+                guaranteed = False
+    if not anything:
+        return 'BestEffort'
+    return 'Guaranteed' if guaranteed else 'Burstable'
 
 
 def _mark_gated(pod: dict[str, Any]) -> None:

@@ -43,6 +43,7 @@ import psutil
 from trainguard_sandbox.cluster import free_port
 
 log = logging.getLogger(__name__)
+NODE_NAME = 'sandbox'   # the one "node" this runner is the scheduler and kubelet of
 POD_SELECTOR = 'app.kubernetes.io/managed-by=trainguard'
 
 
@@ -232,9 +233,16 @@ class LocalPodRunner:
             if pod['metadata'].get('deletionTimestamp'):
                 if uid not in self._terminating:
                     self._terminating[uid] = asyncio.create_task(self._terminate(pod))
-            elif uid not in started and not (pod.get('status') or {}).get('phase') \
-                    and not (pod.get('spec') or {}).get('schedulingGates'):   # a gated pod is not scheduled
+            elif uid not in started and self.should_start(pod):
                 await self._start(session, pod)
+
+    @staticmethod
+    def should_start(pod: Mapping[str, Any]) -> bool:
+        """As this node's scheduler and kubelet: a pod not started yet (kube-apiserver creates
+        every pod Pending), neither gated (no scheduler looks at it) nor bound to another node."""
+        spec, status = pod.get('spec') or {}, pod.get('status') or {}
+        return (status.get('phase') in (None, 'Pending') and not spec.get('schedulingGates')
+                and spec.get('nodeName') in (None, '', NODE_NAME))
 
     async def _terminate(self, pod: Mapping[str, Any]) -> None:
         """A kubelet's graceful stop: SIGTERM to the main process, SIGKILL after the grace period,
@@ -263,11 +271,12 @@ class LocalPodRunner:
         uid = pod['metadata']['uid']
         # Scheduled onto this "node" (the Binding the scheduler posts): from now on a deletion
         # is graceful, and this runner, as the node's kubelet, finishes it.
-        async with session.post(f'{self._api}/api/v1/namespaces/{key[0]}/pods/{key[1]}/binding', json={
-                'apiVersion': 'v1', 'kind': 'Binding', 'metadata': {'name': key[1]},
-                'target': {'apiVersion': 'v1', 'kind': 'Node', 'name': 'sandbox'}}) as response:
-            if response.status >= 400:
-                log.warning('pod %s/%s: binding refused: %s', *key, await response.text())
+        if not (pod.get('spec') or {}).get('nodeName'):
+            async with session.post(f'{self._api}/api/v1/namespaces/{key[0]}/pods/{key[1]}/binding', json={
+                    'apiVersion': 'v1', 'kind': 'Binding', 'metadata': {'name': key[1]},
+                    'target': {'apiVersion': 'v1', 'kind': 'Node', 'name': NODE_NAME}}) as response:
+                if response.status >= 400:
+                    log.warning('pod %s/%s: binding refused: %s', *key, await response.text())
         await self._set_status(session, key, {'phase': 'Pending', 'conditions': [
             {'type': 'PodScheduled', 'status': 'True'}]})
         command, env = self.command(pod)

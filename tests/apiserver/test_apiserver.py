@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from tests.apiserver.conftest import AVAILABLE, ROOT, SKIP_REASON, ControlPlane, unique
@@ -207,13 +208,29 @@ def test_two_replicas_agree_through_the_peering_the_chart_installs(control_plane
         kubeconfig = plane.kubeconfig_for(plane.token_for(system, peering), f'operator-{release}')
         for priority in (200, 100):   # two operator pods' worth
             operators.append(start_operator(plane, kubeconfig, tmp_path / f'operator-{priority}.log',
-                                            f'--peering={peering}', TRAINGUARD_PEERING_PRIORITY=str(priority)))
+                                            f'--peering={peering}', TRAINGUARD_PEERING_PRIORITY=str(priority),
+                                            TRAINGUARD_PEERING_LIFETIME_SECONDS=str(PEERING_LIFETIME)))
         plane.wait_until('both operators in the peering object', lambda: _peers(plane, peering) == 2, timeout=90)
         sample = yaml.safe_load((ROOT / 'manifests' / 'samples' / 'cpu-run.yaml').read_text())
         create(plane, sample, namespace, tmp_path)
         plane.wait_until('the active operator to create the pod', lambda: plane.run(
             'kubectl', 'get', 'pods', '-n', namespace, '-o', 'name').stdout.split() == ['pod/unet-cpu-1'])
         assert all(operator.poll() is None for operator in operators)
+        # The active one dies without a word; the standby serves a run created after it.
+        os.killpg(operators[0].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        second = copy.deepcopy(sample)
+        second['metadata']['name'] = 'unet-second'
+        create(plane, second, namespace, tmp_path)
+        plane.wait_until('the standby to create the second run\'s pod', lambda: 'pod/unet-second-1' in plane.run(
+            'kubectl', 'get', 'pods', '-n', namespace, '-o', 'name').stdout.split(), timeout=PEERING_LIFETIME + 60)
+        plane.wait_until('the standby to write the second run\'s status', lambda: plane.run(
+            'kubectl', 'get', 'trainingrun', 'unet-second', '-n', namespace, '-o',
+            'jsonpath={.status.phase}').stdout.strip() != '', timeout=PEERING_LIFETIME + 60)
+        takeover = time.monotonic() - killed
+        print(f'takeover: {takeover:.1f}s from the kill to the second run\'s pod and status '
+              f'(peering lifetime {PEERING_LIFETIME}s)')
+        assert takeover <= PEERING_LIFETIME + 10, (takeover, (tmp_path / 'operator-100.log').read_text()[-4000:])
     finally:
         for operator in operators:
             stop_operator(operator)
@@ -222,6 +239,9 @@ def test_two_replicas_agree_through_the_peering_the_chart_installs(control_plane
     for log in tmp_path.glob('operator-*.log'):
         text = log.read_text()
         assert 'Forbidden' not in text, text[-3000:]   # kopf and the client both name a 403 so
+
+
+PEERING_LIFETIME = 15
 
 
 def _webhook_registered(plane: ControlPlane) -> bool:
@@ -396,3 +416,23 @@ async def test_an_eviction_mid_epoch_is_a_disruption_and_loses_no_step(control_p
         stop_operator(operator)
         plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
         helm_uninstall(plane, release, system)
+
+
+def test_the_golden_server_set_fields_are_what_kube_apiserver_sets(control_plane: ControlPlane, namespace: str):
+    """tests/operator/golden/server-set-fields-*.yaml is what this server adds on create to each
+    kind the operator creates; the operator tier holds the emulator to it. Set
+    TRAINGUARD_RECORD_GOLDEN=1 to write it from this server."""
+    from tests.server_set import GOLDEN, children, load_golden, server_set
+    from trainguard.kube import _PATHS
+
+    found: dict[str, list[str]] = {}
+    for child in children(namespace):
+        answer = requests.post(control_plane.url + _PATHS[child['kind']].format(namespace=namespace), json=child,
+                               headers={'Authorization': f'Bearer {control_plane.token}'},
+                               verify=str(control_plane.ca), timeout=30)
+        assert answer.status_code == 201, answer.text
+        found[child['kind']] = sorted(server_set(child, answer.json()))
+    if os.environ.get('TRAINGUARD_RECORD_GOLDEN'):
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(yaml.safe_dump(found, sort_keys=True))
+    assert found == load_golden()

@@ -16,6 +16,7 @@ from typing import Any
 from trainguard.domain import builders
 from trainguard.domain.gang import Gang, GangSummary, PodAbsence, PodView, summarize
 from trainguard.domain.heartbeat import PROGRESS_ANNOTATION, Heartbeat, format_time, parse_heartbeat
+from trainguard.domain.observer import UNLIMITED_VIEW, View, hold_until
 from trainguard.domain.pods import PodState
 from trainguard.domain.policy import CpuLimits, effective_device, plan_rewrite
 from trainguard.domain.retry import HANG_REASONS, adapt_for_retry
@@ -73,6 +74,7 @@ class Plan:
     stall_class: str | None = None       # the stall report's class (DataLoaderWorkers, Collective, ...) if any
     started_attempt: str | None = None   # why this plan starts an attempt: PodCreated, Retrying, Resumed, Disrupted
     retried: str | None = None           # the reason of the failed attempt this plan retries
+    held: str | None = None              # why a stalled attempt is not stopped now (mass silence): Stalled=Unknown
 
     @property
     def empty(self) -> bool:
@@ -81,13 +83,18 @@ class Plan:
 
 
 def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetime, settings: Settings, *,
-              first_seen: datetime.datetime | None = None) -> Plan:
+              first_seen: datetime.datetime | None = None, view: View = UNLIMITED_VIEW) -> Plan:
     """``pod``: the current attempt's pods in rank order (a Gang), or one pod's view.
 
     ``first_seen``: when this operator process first saw the run (its own clock); a run seen
     less than ``settings.first_status_grace_seconds`` ago may wait for its pod before its first
     status write (the sweep writes it once the grace is over).
     Unknown (e.g. after a restart): the status is written at once, as it always was.
+
+    ``view``: what the operator could observe of the API (trainguard.domain.observer): a stall
+    is not acted on while the view is lost, within a heartbeat interval plus a margin of the
+    view's start (process start, takeover, an outage's end), or while most runs went silent
+    at once (then ``Stalled=Unknown``).
     """
     status: dict[str, Any] = dict(run.get('status') or {})
     if status.get('phase') in TERMINAL_PHASES:
@@ -155,7 +162,7 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
         return Plan()  # nothing worth a write yet: the pod is on its way
     where = f'pod {current_pod}' if summary.total == 1 else f'{summary.total} pods ({current_pod} is rank 0)'
     attempt = _Attempt(plan, target, status, ref, spec, hp, attempts, settings, annotations, now, summary,
-                       current_pod, where, parse_heartbeat(annotations.get(PROGRESS_ANNOTATION)))
+                       current_pod, where, parse_heartbeat(annotations.get(PROGRESS_ANNOTATION)), view)
     for situation in SITUATIONS:
         if situation(attempt):
             break
@@ -180,6 +187,7 @@ class _Attempt:
     pod_name: str          # rank 0's
     where: str             # "pod x" or "2 pods (x is rank 0)", for messages
     beat: Heartbeat | str | None
+    view: View
 
     @property
     def state(self) -> PodView:
@@ -270,6 +278,11 @@ def _stalled(attempt: _Attempt) -> bool:
                           startup_timeout=attempt.spec.startup_timeout_seconds)
     if not isinstance(verdict, Stalled):
         return False
+    if hold_until(attempt.view, attempt.now, attempt.settings.heartbeat_seconds(attempt.spec)) is not None:
+        return True   # silence the operator could not observe is not held against the run
+    if attempt.view.mass_silence:
+        attempt.plan.held = attempt.view.mass_silence
+        return True
     attempt.plan.stalled = verdict.reason
     attempt.plan.delete_pods += attempt.summary.live  # the hung processes die with their pods, every rank's
     message = verdict.message
@@ -479,6 +492,21 @@ def _fail_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spec
         _finish(target, status, 'Failed', reason, message + suffix, now, spec)
 
 
+def silent_past_grace(run: Mapping[str, Any], view: View, now: datetime.datetime, settings: Settings) -> bool:
+    """A running run silent past its timeout, and past the grace its operator's view gives it:
+    what the mass-silence rule counts (trainguard.domain.observer)."""
+    status = run.get('status') or {}
+    if status.get('phase') != 'Running':
+        return False
+    try:
+        spec = parse_spec(run.get('spec') or {})
+    except SpecError:
+        return False
+    verdict = judge_stall(status, now, progress_timeout=spec.progress_timeout_seconds,
+                          startup_timeout=spec.startup_timeout_seconds)
+    return isinstance(verdict, Stalled) and hold_until(view, now, settings.heartbeat_seconds(spec)) is None
+
+
 # Failures a new attempt cannot fix: the same image on the same kind of node fails the same way.
 NOT_RETRIED = frozenset({'GPUUnavailable'})
 
@@ -512,8 +540,9 @@ def _attempt_hyperparameters(status: Mapping[str, Any], effective: Hyperparamete
 
 
 def conditions(phase: str, reason: str, message: str, generation: int,
-               previous: list[dict[str, Any]], now: datetime.datetime) -> list[dict[str, Any]]:
-    """Ready follows kstatus (True only when Succeeded), so Flux and Argo CD read health from it."""
+               previous: list[dict[str, Any]], now: datetime.datetime, held: str | None = None) -> list[dict[str, Any]]:
+    """Ready follows kstatus (True only when Succeeded), so Flux and Argo CD read health from it.
+    ``held``: the run looks stalled but the operator suspects its own view: Stalled is Unknown."""
     truth = {
         'Ready': phase == 'Succeeded',
         'Progressing': phase in ('Pending', 'Running', 'Queued'),
@@ -524,9 +553,12 @@ def conditions(phase: str, reason: str, message: str, generation: int,
     result = []
     for kind, value in truth.items():
         text = 'True' if value else 'False'
+        why, text_message = reason or phase, message
+        if kind == 'Stalled' and held:
+            text, why, text_message = 'Unknown', 'MassSilence', held
         old = before.get(kind) or {}
         since = old.get('lastTransitionTime') if old.get('status') == text else None
-        result.append({'type': kind, 'status': text, 'reason': reason or phase, 'message': message,
+        result.append({'type': kind, 'status': text, 'reason': why, 'message': text_message,
                        'lastTransitionTime': since or format_time(now), 'observedGeneration': generation})
     return result
 
@@ -537,8 +569,12 @@ def _conclude(plan: Plan, status: Mapping[str, Any], target: dict[str, Any], now
     if phase:
         reason = target.get('reason', status.get('reason', ''))
         message = target.get('message', status.get('message', ''))
-        target['conditions'] = conditions(phase, reason, message, target['observedGeneration'],
-                                          status.get('conditions') or [], now)
+        previous = status.get('conditions') or []
+        target['conditions'] = conditions(phase, reason, message, target['observedGeneration'], previous, now,
+                                          plan.held)
+        if plan.held and not any(condition.get('type') == 'Stalled' and condition.get('status') == 'Unknown'
+                                 for condition in previous):
+            plan.events.append(Event('Warning', 'MassSilence', plan.held))
         if phase != status.get('phase'):
             plan.events.append(Event('Warning' if phase == 'Failed' else 'Normal', phase, message))
     patch = {key: value for key, value in target.items() if status.get(key) != value}
