@@ -8,9 +8,14 @@ Prints figures; asserts nothing. ``make bench`` runs the short version (N = 100 
 50 hung and 50 healthy runs); ``BENCH_FULL=1`` adds N = 1000.
 
 - ``BENCH_SIZES=200,1000``: the burst sizes (cumulative: each burst's runs stay live).
-- ``BENCH_SERVICE_TIME=1``: the emulator charges each write a real server's cost, measured
-  with kube-apiserver 1.36 + etcd 3.6 on this 2-core machine: 3.6 ms per write from one
-  client and at most 620 writes/s in all (trainguard_sandbox.emulator). Off by default.
+- ``BENCH_LATENCY_SIZES=200,1000`` (the default; empty skips it): first, creation -> pod
+  p50/p99 of trainguard (the trainer identity shared per namespace, the default on 1.30+),
+  of trainguard with an identity per run (the fallback) and of the minimal kopf operator
+  (benchmarks/minimal_operator.py), each burst on a fresh emulator that charges every write
+  what kube-apiserver 1.36 + etcd 3.6 took, by kind, RBAC contention in a burst included
+  (trainguard_sandbox.servicetime); the ratio of p99s first.
+  ``BENCH_LATENCY_ONLY=1`` stops after it.
+- ``BENCH_SERVICE_TIME=1``: the same costs for the rest of the benchmark. Off by default.
 - ``BENCH_WEBHOOK=1``: runs are written as users write them (batch 32, 2 workers, 256 px,
   cpuSafety enforce) and admitted through the operator's mutating webhook.
 - ``BENCH_PROFILE=path``: the operator runs under py-spy (100 Hz, the thread holding the GIL:
@@ -44,8 +49,9 @@ import kmock
 import psutil
 
 from trainguard.domain.heartbeat import parse_time
-from trainguard_sandbox.cluster import emulated_cluster
+from trainguard_sandbox.cluster import apply_objects, emulated_cluster, trainer_policy
 from trainguard_sandbox.emulator import FaithfulEmulator
+from trainguard_sandbox.servicetime import KUBE_APISERVER_1_36, ServiceTimes
 
 RUNS = kmock.resource('trainguard.io', 'v1alpha1', 'trainingruns')
 PODS = kmock.resource('', 'v1', 'pods')
@@ -104,8 +110,9 @@ class Bench:
         self.peak_rss = 0
         self.log = (kubeconfig.parent / 'operator.log').open('wb')
 
-    def start_operator(self, profile: str = '', command: list[str] | None = None) -> None:
-        env = {**os.environ, 'KUBECONFIG': str(self.kubeconfig), 'TRAINGUARD_SWEEP_SECONDS': '5'}
+    def start_operator(self, profile: str = '', command: list[str] | None = None,
+                       env_extra: dict[str, str] | None = None) -> None:
+        env = {**os.environ, 'KUBECONFIG': str(self.kubeconfig), 'TRAINGUARD_SWEEP_SECONDS': '5', **(env_extra or {})}
         if WEBHOOK:
             env.update(TRAINGUARD_WEBHOOK='on', TRAINGUARD_WEBHOOK_HOST='127.0.0.1', TRAINGUARD_WEBHOOK_PORT='19443')
         command = command or [sys.executable, '-m', 'trainguard.cli', 'run', '--standalone']
@@ -316,17 +323,20 @@ BASELINE = [sys.executable, '-m', 'kopf', 'run', '--standalone', '-A', '--quiet'
             str(pathlib.Path(__file__).with_name('minimal_operator.py'))]
 
 
-async def one_burst(command: list[str] | None, n: int) -> float:
-    """Operator CPU ms per run, creation to Running, for one operator on a fresh emulator."""
-    emulator = InstantKubelet()
+async def one_burst(command: list[str] | None, n: int, service_times: ServiceTimes | None = None,
+                    env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One burst of ``n`` runs for one operator on a fresh emulator (the trainer policy installed,
+    as manifests/default and the chart do on 1.30+): the burst's figures."""
+    emulator = InstantKubelet(service_times=service_times)
     with tempfile.TemporaryDirectory() as tmp:
         kubeconfig = pathlib.Path(tmp) / 'kubeconfig'
         async with emulated_cluster(kubeconfig, emulator=emulator):
+            await apply_objects(emulator, trainer_policy())
             bench = Bench(emulator, kubeconfig)
-            bench.start_operator(command=command)
+            bench.start_operator(command=command, env_extra=env)
             try:
                 await asyncio.sleep(3)   # started and watching (both print nothing we could wait for)
-                return float((await burst(bench, n, 'r'))['operator_cpu_ms_per_run'])
+                return await burst(bench, n, 'r')
             except Exception:
                 print((kubeconfig.parent / 'operator.log').read_text()[-3000:], file=sys.stderr)
                 raise
@@ -334,11 +344,38 @@ async def one_burst(command: list[str] | None, n: int) -> float:
                 bench.stop_operator()
 
 
+async def latency_versus_baseline(sizes: list[int], service_times: ServiceTimes) -> list[dict[str, Any]]:
+    """Creation -> pod p50/p99 under a real server's per-kind write costs: the minimal operator,
+    trainguard (trainers share one identity per namespace, the default with the policy) and
+    trainguard with an identity per run (the fallback), each on a fresh emulator, one after
+    another in the same run; the ratio of p99s first."""
+    rows = []
+    for n in sizes:
+        base = await one_burst(BASELINE, n, service_times)
+        ours = await one_burst(None, n, service_times)
+        per_run = await one_burst(None, n, service_times, {'TRAINGUARD_TRAINER_IDENTITY': 'run'})
+        row = {
+            'runs': n,
+            'ratio_p99': round(ours['create_to_pod_p99_s'] / base['create_to_pod_p99_s'], 2),
+            'ratio_p99_identity_per_run': round(per_run['create_to_pod_p99_s'] / base['create_to_pod_p99_s'], 2),
+            'minimal_p50_p99_s': [base['create_to_pod_p50_s'], base['create_to_pod_p99_s']],
+            'trainguard_p50_p99_s': [ours['create_to_pod_p50_s'], ours['create_to_pod_p99_s']],
+            'trainguard_identity_per_run_p50_p99_s': [per_run['create_to_pod_p50_s'], per_run['create_to_pod_p99_s']],
+            'writes_per_run_to_running': {'minimal': base['writes_per_run_to_running'],
+                                          'trainguard': ours['writes_per_run_to_running'],
+                                          'trainguard_identity_per_run': per_run['writes_per_run_to_running']},
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 async def versus_baseline(n: int, rounds: int) -> dict[str, Any]:
     """trainguard and the minimal kopf operator, alternating, so the machine's drift hits both."""
     pairs = []
     for _ in range(rounds):
-        pairs.append((await one_burst(None, n), await one_burst(BASELINE, n)))
+        pairs.append((float((await one_burst(None, n))['operator_cpu_ms_per_run']),
+                      float((await one_burst(BASELINE, n))['operator_cpu_ms_per_run'])))
         print(json.dumps({'trainguard_cpu_ms_per_run': pairs[-1][0], 'minimal_kopf_cpu_ms_per_run': pairs[-1][1]}),
               flush=True)
     return {'runs': n, 'rounds': rounds,
@@ -351,12 +388,19 @@ async def versus_baseline(n: int, rounds: int) -> dict[str, Any]:
 async def main() -> None:
     default_sizes = [100, 500, 1000] if os.environ.get('BENCH_FULL') else [100, 500]
     sizes = [int(n) for n in os.environ.get('BENCH_SIZES', '').split(',') if n] or default_sizes
-    service = bool(os.environ.get('BENCH_SERVICE_TIME'))
+    service = KUBE_APISERVER_1_36 if os.environ.get('BENCH_SERVICE_TIME') else None
     profile = os.environ.get('BENCH_PROFILE', '')
     results: dict[str, Any] = {
         'machine': f'{os.cpu_count()} cores, Python {sys.version.split()[0]}, load {os.getloadavg()[0]:.2f}',
-        'server': 'emulator, 3.6 ms per write, <= 620 writes/s' if service else 'emulator, no service time',
+        'server': 'emulator, kube-apiserver 1.36 write costs by kind' if service else 'emulator, no service time',
         'webhook': WEBHOOK}
+    latency_sizes = [int(n) for n in os.environ.get('BENCH_LATENCY_SIZES', '200,1000').split(',') if n]
+    if latency_sizes and not WEBHOOK:
+        # First: creation -> pod against the minimal operator, with a real server's write costs.
+        results['latency_versus_minimal_kopf'] = await latency_versus_baseline(latency_sizes, KUBE_APISERVER_1_36)
+        if os.environ.get('BENCH_LATENCY_ONLY'):
+            print(json.dumps(results, indent=2))
+            return
     baseline_rounds = int(os.environ.get('BENCH_BASELINE_ROUNDS', '3'))
     if baseline_rounds and not WEBHOOK:
         # Ratios first: this machine's speed drifts 2-3x within an hour; a ratio to a baseline
@@ -364,8 +408,7 @@ async def main() -> None:
         results['versus_minimal_kopf'] = await versus_baseline(int(os.environ.get('BENCH_BASELINE_SIZE', '200')),
                                                                baseline_rounds)
         print(json.dumps(results['versus_minimal_kopf']), flush=True)
-    emulator = InstantKubelet(write_service_seconds=0.0036 if service else 0.0,
-                              max_writes_per_second=620.0 if service else 0.0)
+    emulator = InstantKubelet(service_times=service)
     with tempfile.TemporaryDirectory() as tmp:
         kubeconfig = pathlib.Path(tmp) / 'kubeconfig'
         async with emulated_cluster(kubeconfig, emulator=emulator):

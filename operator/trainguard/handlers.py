@@ -10,6 +10,7 @@ to the runtime's worker threads, where the blocking kubernetes client is safe.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -20,8 +21,9 @@ import kopf
 import prometheus_client
 
 from trainguard import GROUP, PLURAL, VERSION
-from trainguard.domain.builders import RUN_LABEL
-from trainguard.domain.config import config_from_env, webhook_enabled
+from trainguard.domain import identity
+from trainguard.domain.builders import RUN_IDENTITY, RUN_LABEL, TRAINER_POLICY
+from trainguard.domain.config import Config, config_from_env, webhook_enabled
 from trainguard.domain.policy import plan_admission
 from trainguard.domain.spec import SpecError, parse_spec
 from trainguard.kopfstate import NoDiffBase, NoProgress, QuietEventHandlers
@@ -53,6 +55,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     settings.peering.lifetime = config.peering_lifetime
     settings.watching.client_timeout = 330
     api = memo.get('api') or KubeApi.from_environment()
+    config = await _resolve_trainer_identity(config, api, logger)
     memo.runtime = Runtime(config=config, api=api, clock=memo.get('clock') or system_clock)
     if config.webhook:
         # HTTPS with our own certificates (or cert-manager's). trainguard registers the
@@ -73,6 +76,16 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     logger.info('trainguard started: trainer image %s, CPU limits %s, namespaces %s, webhook %s',
                 config.settings.pod.image, config.settings.limits, config.namespaces or 'all',
                 'on' if config.webhook else 'off')
+
+
+async def _resolve_trainer_identity(config: Config, api: KubeApi, logger: logging.Logger) -> Config:
+    """``auto``: the namespace identity where its admission policy is installed (domain.identity)."""
+    installed = config.trainer_identity != RUN_IDENTITY and await asyncio.get_running_loop().run_in_executor(
+        None, api.trainer_policy_installed, TRAINER_POLICY)
+    chosen, line, warn = identity.resolve(config.trainer_identity, installed)
+    (logger.warning if warn else logger.info)('%s', line)
+    pod = dataclasses.replace(config.settings.pod, trainer_identity=chosen)
+    return dataclasses.replace(config, settings=dataclasses.replace(config.settings, pod=pod))
 
 
 def _webhook_failed(runtime: Runtime, error: BaseException) -> None:

@@ -91,6 +91,19 @@ class KubeApi:
             return False
         return True
 
+    def trainer_policy_installed(self, name: str) -> bool:
+        """Whether the ValidatingAdmissionPolicy ``name`` and its binding of the same name exist.
+        No (404: absent, or a server before 1.30 without the API) and unreadable (403) alike
+        answer False: the caller then falls back to the identity that needs no policy."""
+        base = '/apis/admissionregistration.k8s.io/v1'
+        try:
+            self._call('GET', f'{base}/validatingadmissionpolicies/{name}')
+            self._call('GET', f'{base}/validatingadmissionpolicybindings/{name}')
+        except ApiException as error:
+            log.info('ValidatingAdmissionPolicy %s or its binding: %s %s', name, error.status, error.reason)
+            return False
+        return True
+
     def create_if_absent(self, body: Mapping[str, Any]) -> bool:
         """Create a child; an existing one (a handler that ran twice) is left as it is."""
         path = _PATHS[body['kind']].format(namespace=body['metadata']['namespace'])
@@ -169,13 +182,13 @@ class KubeApi:
                          event_type, reason, message, now)
 
     def post_pod_event(self, namespace: str, name: str, event_type: str, reason: str, message: str,
-                       now: datetime.datetime) -> None:
-        """An Event on a Pod (the operator's own, for problems that concern no run)."""
-        self._post_event({'apiVersion': 'v1', 'kind': 'Pod', 'name': name, 'namespace': namespace},
-                         event_type, reason, message, now)
+                       now: datetime.datetime) -> bool:
+        """An Event on a Pod (the operator's own, for problems that concern no run); posted or not."""
+        return self._post_event({'apiVersion': 'v1', 'kind': 'Pod', 'name': name, 'namespace': namespace},
+                                event_type, reason, message, now)
 
     def _post_event(self, involved: Mapping[str, Any], event_type: str, reason: str, message: str,
-                    now: datetime.datetime) -> None:
+                    now: datetime.datetime) -> bool:
         stamp = format_time(now)
         body = {
             'apiVersion': 'v1', 'kind': 'Event',
@@ -191,3 +204,8 @@ class KubeApi:
             self._call('POST', _PATHS['Event'].format(namespace=involved.get('namespace')), body)
         except (ApiException, ValueError) as error:
             log.warning('could not post event %s on %s: %s', reason, involved.get('name'), error)
+            return False
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            log.warning('could not post event %s on %s: %s', reason, involved.get('name'), error)
+            return False
+        return True

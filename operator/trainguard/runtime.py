@@ -38,6 +38,7 @@ RunKey = tuple[str, str]  # (namespace, name)
 # a busy operator can lag its watch by tens of seconds (measured at 1,000-run bursts).
 PIN_SECONDS = 300.0
 RESYNC_SWEEPS = 6  # a full reconcile of every live run every 6 sweeps (30 s by default)
+OUTAGE_EVENT_RETRIES = (1.0, 2.0, 4.0, 8.0, 16.0)   # seconds between tries of the outage's Event
 SWEEP_WORKERS = 8  # runs reconciled side by side by the sweeper
 EVENT_WORKERS = 8  # runs reconciled side by side for watch events that need the API
 RESYNC_WORKERS = 2  # the periodic full resync, in the background: it must not crowd out stall checks
@@ -74,6 +75,11 @@ class Runtime:
     _written: dict[RunKey, str] = dataclasses.field(default_factory=dict)  # resourceVersion of our last write
     _first_seen: dict[RunKey, datetime.datetime] = dataclasses.field(default_factory=dict)  # runs without a status
     _observed_since: dict[RunKey, datetime.datetime] = dataclasses.field(default_factory=dict)  # first event here
+    # Children that must follow a run's pods (the trainer's Role and binding) and failed: retried.
+    _owed: dict[RunKey, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    # Shared children (the namespace's trainer identity) this process created or found: (kind, ns, name).
+    _shared_known: set[tuple[str, str, str]] = dataclasses.field(default_factory=set)
+    _shared_guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     api_view: observer.ApiView = dataclasses.field(init=False)
     _mass_silence: str | None = dataclasses.field(default=None, init=False)
     _guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -133,6 +139,7 @@ class Runtime:
             self._written.pop(key, None)
             self._first_seen.pop(key, None)
             self._observed_since.pop(key, None)
+            self._owed.pop(key, None)
             self._locks.pop(key, None)
         attempts = int(((run or {}).get('status') or {}).get('attempts') or 0)
         nodes = _num_nodes(run or {})
@@ -213,7 +220,18 @@ class Runtime:
         logging.getLogger(__name__).warning('%s', outage.message()[0].upper() + outage.message()[1:])
         pod, namespace = os.environ.get('POD_NAME'), os.environ.get('POD_NAMESPACE')
         if pod and namespace:   # an Event on the operator's own Pod, where `kubectl describe` shows it
-            self.api.post_pod_event(namespace, pod, 'Warning', 'ApiUnreachable', outage.message(), self.clock())
+            threading.Thread(target=self._report_outage, args=(namespace, pod, outage.message()),
+                             name='outage-event', daemon=True).start()
+
+    def _report_outage(self, namespace: str, pod: str, message: str) -> None:
+        """Post the outage's Event, retried: a kube-apiserver that has just come back may refuse
+        requests for a few seconds while its RBAC caches fill (seen on 1.36: 403 naming
+        ``system:basic-user`` not found), and this Event is how a human learns of the outage."""
+        for delay in (*OUTAGE_EVENT_RETRIES, None):
+            if self.api.post_pod_event(namespace, pod, 'Warning', 'ApiUnreachable', message, self.clock()):
+                return
+            if delay is not None:
+                time.sleep(delay)
 
     async def reconcile_soon(self, key: RunKey, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
         """Reconcile after a watch event: on the loop when the event changes nothing (decided
@@ -291,8 +309,7 @@ class Runtime:
                 self.pods[(namespace, stopping)] = dataclasses.replace(view, terminating=True)
         if plan.spec_patch:
             self._remember(key, self.api.patch_run(namespace, name, plan.spec_patch))
-        for child in plan.children:
-            self.api.create_if_absent(child)
+        self._create_children(key, plan.children, logger)
         if plan.status_patch:
             self._remember(key, self.api.patch_run_status(namespace, name, plan.status_patch))
         self.metrics.count(namespace, plan)
@@ -306,6 +323,45 @@ class Runtime:
             self._warned[key] = problem
             logger.warning(problem)
             self.api.post_event(run, 'Warning', 'MalformedProgress', problem, now)
+
+    def _create_children(self, key: RunKey, children: list[dict[str, Any]],
+                         logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+        """Create in the plan's order (domain.reconcile: what the pod needs at admission, the
+        pods, then what only the trainer's first beat needs).
+
+        A shared child (no owner: the namespace's trainer identity) is skipped once this
+        process has created or found it, so a namespace's later runs put only their pods on
+        the path. A failure on a pod, or before the first, raises: nothing is half-started and
+        the next reconcile tries again. A failure after the pods leaves the rest owed: retried
+        on every sweep until created, while the trainer's first beats retry meanwhile."""
+        pending = self._owed.pop(key, []) + list(children)
+        after_pods = len(pending) > len(children)   # owed children always follow their pods
+        for index, child in enumerate(pending):
+            metadata = child['metadata']
+            shared = (child['kind'], metadata['namespace'], metadata['name'])
+            is_shared = not metadata.get('ownerReferences')
+            if is_shared and shared in self._shared_known:
+                continue
+            try:
+                if is_shared:   # one thread creates it; runs of the same namespace started together skip it
+                    with self._shared_guard:
+                        if shared not in self._shared_known:
+                            self.api.create_if_absent(child)
+                            self._shared_known.add(shared)
+                else:
+                    self.api.create_if_absent(child)
+            except Exception as error:
+                if child['kind'] == 'Pod' or not after_pods:
+                    # Perhaps a shared child went away (a deleted ServiceAccount refuses the pod):
+                    # the next attempt creates the namespace's identity again.
+                    with self._shared_guard:
+                        self._shared_known = {known for known in self._shared_known if known[1] != key[0]}
+                    raise
+                self._owed[key] = [rest for rest in pending[index:] if rest['kind'] != 'Pod']
+                logger.warning('could not create %s %s (%s); retried on the next sweep, and the trainer\'s first '
+                               'heartbeats retry until it exists', child['kind'], metadata['name'], error)
+                return
+            after_pods = after_pods or child['kind'] == 'Pod'
 
     def _remember(self, key: RunKey, body: Mapping[str, Any] | None) -> None:
         if not body or 'metadata' not in body:
@@ -348,7 +404,8 @@ class Runtime:
             runs = list(self.runs.items())
             self._judge_mass_silence(runs, now, logger)
             due = [key for key, run in runs
-                   if due_for_sweep(run, now, resync=False, first_seen=self._first_seen.get(key), grace=grace)]
+                   if key in self._owed
+                   or due_for_sweep(run, now, resync=False, first_seen=self._first_seen.get(key), grace=grace)]
             if sweeps % RESYNC_SWEEPS == 0 and (self._resync_task is None or self._resync_task.done()):
                 urgent = set(due)
                 rest = [key for key, run in runs if key not in urgent

@@ -2,8 +2,9 @@
 
 A development sandbox, not a cluster: no scheduler, no resource limits. RBAC is enforced as
 on a cluster: the operator runs as the ServiceAccount of manifests/rbac with exactly its
-ClusterRole, and each trainer process with a token of its pod's ServiceAccount (the per-run
-one the operator creates); ``kubeconfig`` in the work folder is the cluster admin's, for you.
+ClusterRole, and each trainer process with a token of its pod's ServiceAccount, bound to the
+pod as the kubelet's is (the namespace's shared trainer identity, which the trainer policy
+limits to the pod's own run); ``kubeconfig`` in the work folder is the cluster admin's, for you.
 Production is a real cluster (see README, "Install on a cluster").
 """
 
@@ -20,7 +21,13 @@ import kopf
 import yaml
 
 from trainguard.domain.config import config_from_env
-from trainguard_sandbox.cluster import emulated_cluster, install_identity, manifests_operator_rbac, write_kubeconfig
+from trainguard_sandbox.cluster import (
+    emulated_cluster,
+    install_identity,
+    manifests_operator_rbac,
+    trainer_policy,
+    write_kubeconfig,
+)
 from trainguard_sandbox.emulator import FaithfulEmulator
 from trainguard_sandbox.inprocess import OperatorRunner
 from trainguard_sandbox.pods import LocalPodRunner
@@ -45,7 +52,9 @@ class Sandbox:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._cluster = emulated_cluster(self.kubeconfig, port=self._port)
         self.emulator = await self._cluster.__aenter__()
-        _, token = await install_identity(self.emulator, manifests_operator_rbac())
+        # As `kubectl apply -k manifests/default` on 1.30+: with the trainer policy, so trainers
+        # share one identity per namespace, each token limited to its own pod's run.
+        _, token = await install_identity(self.emulator, manifests_operator_rbac() + trainer_policy())
         # The operator's login and client read KUBECONFIG: its ServiceAccount, not the admin.
         os.environ['KUBECONFIG'] = str(write_kubeconfig(self.workdir / 'operator.kubeconfig', self.api_url,
                                                         token=token))
@@ -68,13 +77,13 @@ class Sandbox:
         await self._cluster.__aexit__(exc_type, exc, traceback)
 
     def _pod_kubeconfig(self, pod: Mapping[str, Any]) -> pathlib.Path:
-        """What the kubelet mounts into a pod: a token of its ServiceAccount."""
+        """What the kubelet mounts into a pod: a token of its ServiceAccount, bound to the pod."""
         assert self.emulator is not None
         namespace, account = pod['metadata']['namespace'], pod['spec'].get('serviceAccountName') or 'default'
         path = self.workdir / 'tokens' / f'{namespace}.{pod["metadata"]["name"]}.kubeconfig'
         path.parent.mkdir(parents=True, exist_ok=True)
-        return write_kubeconfig(path, self.api_url, namespace=namespace,
-                                token=self.emulator.mint_token(namespace, account))
+        return write_kubeconfig(path, self.api_url, namespace=namespace, token=self.emulator.mint_token(
+            namespace, account, pod=(pod['metadata']['name'], pod['metadata']['uid'])))
 
     @property
     def api_url(self) -> str:

@@ -45,7 +45,15 @@ def write_kubeconfig(path: pathlib.Path, server_url: str, namespace: str = 'defa
 SYSTEM_NAMESPACE = 'trainguard-system'
 RBAC_DIR = pathlib.Path(__file__).parent / 'manifests' / 'rbac'
 _PLURALS = {'ServiceAccount': 'serviceaccounts', 'ClusterRole': 'clusterroles', 'Role': 'roles',
-            'ClusterRoleBinding': 'clusterrolebindings', 'RoleBinding': 'rolebindings', 'Namespace': 'namespaces'}
+            'ClusterRoleBinding': 'clusterrolebindings', 'RoleBinding': 'rolebindings', 'Namespace': 'namespaces',
+            'ValidatingAdmissionPolicy': 'validatingadmissionpolicies',
+            'ValidatingAdmissionPolicyBinding': 'validatingadmissionpolicybindings'}
+
+
+def trainer_policy() -> list[dict[str, Any]]:
+    """manifests/rbac/trainer_policy.yaml: the policy (and its binding) that narrows the trainers'
+    shared per-namespace identity to each pod's own run (trainguard.domain.identity)."""
+    return [doc for doc in yaml.safe_load_all((RBAC_DIR / 'trainer_policy.yaml').read_text(encoding='utf-8')) if doc]
 
 
 def manifests_operator_rbac(namespace: str = SYSTEM_NAMESPACE) -> list[dict[str, Any]]:

@@ -342,8 +342,9 @@ def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_na
         drain,
         picture,
         *([alerts] if alerts is not None else []),
-        (not refused, 'RBAC: the operator (manifests/rbac) and every trainer (its run\'s own Role) did all this '
-                      'with no request refused' if not refused else f'RBAC refused: {"; ".join(refused[:3])}'),
+        (not refused, 'RBAC: the operator (manifests/rbac) and every trainer (the namespace\'s trainer identity, '
+                      'limited to its own run by the trainer policy) did all this with no request refused'
+         if not refused else f'RBAC refused: {"; ".join(refused[:3])}'),
     ]
     table.note('')
     for ok, text in checks:

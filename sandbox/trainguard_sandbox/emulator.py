@@ -32,8 +32,8 @@ the operator test tier and by ``trainguard-operator sandbox``:
   the cluster admin.
 
 An in-memory write costs microseconds, a real one milliseconds. For benchmarks the emulator
-can charge every write a server's cost (``write_service_seconds`` per write, and at most
-``max_writes_per_second`` in all, queued in arrival order); both are off by default.
+can charge every write a real server's cost by kind, RBAC contention in a burst included, and
+cap the writes per second (``service_times``, trainguard_sandbox.servicetime); off by default.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import kmock
 from kmock._internal import apps, parsing, rendering  # the extension points kmock's own subclasses use
 from kubernetes.utils.quantity import parse_quantity
 
-from trainguard_sandbox import admission, rbac
+from trainguard_sandbox import admission, rbac, servicetime, vap
 from trainguard_sandbox import crd as crd_checks
 
 _kmock_parse_path = parsing.parse_path
@@ -109,14 +109,14 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     crd_schemas: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = attrs.field(factory=dict, init=False)
     # MutatingWebhookConfigurations by name, kept current by _publish (no scan per write)
     _webhook_configs: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
-    # A server's cost of a write (off by default; benchmarks/operator_scale.py sets it).
-    write_service_seconds: float = 0.0
-    max_writes_per_second: float = 0.0
-    _next_write_slot: float = attrs.field(default=0.0, init=False)
+    # A server's cost of a write, by kind (off by default; benchmarks/operator_scale.py sets it).
+    service_times: servicetime.ServiceTimes | None = None
+    _service_clock: servicetime.ServiceClock | None = attrs.field(default=None, init=False)
     _webhook_clients: admission.WebhookClients = attrs.field(factory=admission.WebhookClients, init=False)
     tokens: rbac.Tokens = attrs.field(factory=rbac.Tokens, init=False)
     policy: rbac.Policy = attrs.field(factory=rbac.Policy, init=False)
     refusals: list[tuple[rbac.User, rbac.Attributes, str]] = attrs.field(factory=list, init=False)
+    admission_policies: vap.Policies = attrs.field(factory=vap.Policies, init=False)
     # Stand-ins for other projects' pod webhooks (a test's Kueue adds its scheduling gate here).
     pod_create_hooks: list[Callable[[dict[str, Any]], None]] = attrs.field(factory=list, init=False)
 
@@ -140,9 +140,10 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
 
     # -- authentication and authorization -------------------------------------------------
 
-    def mint_token(self, namespace: str, service_account: str) -> str:
-        """A token for a ServiceAccount, as the TokenRequest API (or the kubelet) hands one out."""
-        return self.tokens.mint(rbac.service_account_user(namespace, service_account))
+    def mint_token(self, namespace: str, service_account: str, pod: tuple[str, str] | None = None) -> str:
+        """A token for a ServiceAccount, as the TokenRequest API (or the kubelet) hands one out;
+        ``pod`` (name, uid): bound to that pod, as the kubelet's projected token is."""
+        return self.tokens.mint(rbac.service_account_user(namespace, service_account, pod))
 
     @staticmethod
     def _attributes(request: rendering.Request) -> rbac.Attributes:
@@ -242,6 +243,14 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             raise _error(404, 'NotFound', f'serviceaccounts "{request.name}" not found')
         assert request.namespace is not None and request.name is not None
         body = request.data if isinstance(request.data, dict) else {}
+        bound = (body.get('spec') or {}).get('boundObjectRef') or {}
+        pod: tuple[str, str] | None = None
+        if bound.get('kind') == 'Pod':   # kube-apiserver checks the pod exists, with that UID
+            pod_key = (kmock.resource('', 'v1', 'pods'), request.namespace, bound.get('name'))
+            stored = self.objects[pod_key] if pod_key in self.objects else None  # noqa: SIM401 (kmock's .get differs)
+            if stored is None or stored.deleted or (bound.get('uid') and stored.raw['metadata']['uid'] != bound['uid']):
+                raise _error(404, 'NotFound', f'pods "{bound.get("name")}" not found')
+            pod = (bound['name'], stored.raw['metadata']['uid'])
         seconds = int((body.get('spec') or {}).get('expirationSeconds') or 3600)
         expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
         return aiohttp.web.json_response({
@@ -249,7 +258,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             'metadata': {'name': request.name, 'namespace': request.namespace},
             'spec': {'audiences': (body.get('spec') or {}).get('audiences') or ['https://kubernetes.default.svc'],
                      'expirationSeconds': seconds},
-            'status': {'token': self.mint_token(request.namespace, request.name),
+            'status': {'token': self.mint_token(request.namespace, request.name, pod),
                        'expirationTimestamp': expires.strftime('%Y-%m-%dT%H:%M:%SZ')}}, status=201)
 
     async def _handle(self, request: rendering.Request) -> Any:
@@ -264,7 +273,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         is_put = request.name is not None and request.method == kmock.method.PUT
         dry_run = request.params.get('dryRun') == 'All'
         if is_put or request.action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
-            await self._charge_write()
+            await self._charge_write(request.resource.plural)
         if request.action == kmock.action.CREATE:
             admitted = await self._admit(request, 'CREATE', request.data if isinstance(request.data, dict) else {},
                                          None)
@@ -296,17 +305,13 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             raise _error(405, 'MethodNotAllowed', f'{request.method} is not supported on {request.url.path}')
         return aiohttp.web.json_response(await serve(request))
 
-    async def _charge_write(self) -> None:
-        """Wait for this write's turn at the server's throughput, then for its service time."""
-        if not (self.write_service_seconds or self.max_writes_per_second):
+    async def _charge_write(self, plural: str) -> None:
+        """Wait for this write's turn at the server's throughput, then for its kind's service time."""
+        if self.service_times is None:
             return
-        now = asyncio.get_running_loop().time()
-        queued = 0.0
-        if self.max_writes_per_second:
-            slot = max(now, self._next_write_slot)
-            self._next_write_slot = slot + 1 / self.max_writes_per_second
-            queued = slot - now
-        await asyncio.sleep(queued + self.write_service_seconds)
+        if self._service_clock is None:
+            self._service_clock = servicetime.ServiceClock(self.service_times)
+        await self._service_clock.charge(plural)
 
     # -- admission ------------------------------------------------------------------------
 
@@ -336,16 +341,26 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         self._confirm_no_escalation(_USER.get(), resource.plural or '', request.namespace, obj)
         if (resource.group, resource.plural) == ('', 'pods') and request.subresource is None:
             _admit_pod(obj, old, self.pod_create_hooks)
-        if crd is None:
-            return obj
-        admitted, refusals = crd_checks.admit(crd[1], obj, old)
-        if refusals:
-            group = f'.{resource.group}' if resource.group else ''
-            causes = [str(refusal) for refusal in refusals]
-            listed = causes[0] if len(causes) == 1 else f'[{", ".join(causes)}]'
-            name = (obj.get('metadata') or {}).get('name') or request.name
-            raise _error(422, 'Invalid', f'{kind}{group} "{name}" is invalid: {listed}')
-        return admitted
+        if crd is not None:
+            admitted, refusals = crd_checks.admit(crd[1], obj, old)
+            if refusals:
+                group = f'.{resource.group}' if resource.group else ''
+                causes = [str(refusal) for refusal in refusals]
+                listed = causes[0] if len(causes) == 1 else f'[{", ".join(causes)}]'
+                name = (obj.get('metadata') or {}).get('name') or request.name
+                raise _error(422, 'Invalid', f'{kind}{group} "{name}" is invalid: {listed}')
+            obj = admitted
+        if self.admission_policies.bindings:   # validating admission comes last, on the object as stored
+            user = _USER.get()
+            try:
+                self.admission_policies.validate(vap.Request(
+                    operation=operation, group=resource.group or '', version=resource.version or '',
+                    plural=resource.plural or '', subresource=request.subresource or '',
+                    namespace=request.namespace or '', name=(obj.get('metadata') or {}).get('name') or request.name
+                    or '', username=user.name, groups=user.groups, extra=dict(user.extra), obj=obj, old=old))
+            except vap.Refused as refused:
+                raise _error(refused.code, refused.reason, refused.message) from refused
+        return obj
 
     async def _stream(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         """A watch as the API server streams it: JSON lines, ended after ?timeoutSeconds."""
@@ -533,6 +548,8 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     async def _publish(self, resource: kmock.resource, event_type: str, obj: Mapping[str, Any]) -> None:
         if resource.group == rbac.RBAC_GROUP and resource.plural in rbac.RBAC_PLURALS:
             self.policy.observe(resource.plural, event_type, copy.deepcopy(dict(obj)))
+        if resource.group == vap.GROUP and resource.plural in (vap.POLICIES, vap.BINDINGS):
+            self.admission_policies.observe(resource.plural, event_type, copy.deepcopy(dict(obj)))
         if (resource.group, resource.version, resource.plural) == admission.WEBHOOK_CONFIGS:
             if event_type == 'DELETED':
                 self._webhook_configs.pop(obj['metadata']['name'], None)

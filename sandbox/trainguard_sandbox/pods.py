@@ -45,6 +45,7 @@ from trainguard_sandbox.cluster import free_port
 log = logging.getLogger(__name__)
 NODE_NAME = 'sandbox'   # the one "node" this runner is the scheduler and kubelet of
 POD_SELECTOR = 'app.kubernetes.io/managed-by=trainguard'
+STATUS_RETRY_SECONDS = 2.0   # how often a status the API could not take is sent again
 
 
 def _now() -> str:
@@ -320,11 +321,25 @@ class LocalPodRunner:
         log.info('pod %s/%s: exited with code %d', *key, code)
 
     async def _set_status(self, session: aiohttp.ClientSession, key: tuple[str, str], status: dict[str, Any]) -> None:
+        """Report the pod's status; while the API cannot be reached (a control-plane outage),
+        retry every few seconds as a kubelet does, so a pod that ended meanwhile is not left
+        Running for ever."""
         url = f'{self._api}/api/v1/namespaces/{key[0]}/pods/{key[1]}/status'
-        async with session.patch(url, json={'status': status},
-                                 headers={'Content-Type': 'application/merge-patch+json'}) as response:
-            if response.status >= 400 and response.status != 404:
-                log.warning('pod %s/%s: status update refused: %s', *key, await response.text())
+        unreachable_since: float | None = None
+        while True:
+            try:
+                async with session.patch(url, json={'status': status},
+                                         headers={'Content-Type': 'application/merge-patch+json'}) as response:
+                    if response.status >= 400 and response.status != 404:
+                        log.warning('pod %s/%s: status update refused: %s', *key, await response.text())
+                    if unreachable_since is not None:
+                        log.info('pod %s/%s: status reported after the API came back', *key)
+                    return
+            except (aiohttp.ClientError, OSError) as error:
+                if unreachable_since is None:
+                    unreachable_since = asyncio.get_running_loop().time()
+                    log.warning('pod %s/%s: cannot report status (%s); retrying until the API answers', *key, error)
+                await asyncio.sleep(STATUS_RETRY_SECONDS)
 
     def kill(self, uid: str, reason: str) -> None:
         process = self.processes.pop(uid, None)

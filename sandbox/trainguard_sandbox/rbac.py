@@ -48,6 +48,9 @@ BOOTSTRAP_RULES: tuple[dict[str, Any], ...] = (
 class User:
     name: str
     groups: tuple[str, ...]
+    # userInfo.extra: a pod-bound ServiceAccount token carries its pod's name and UID
+    # (authentication.kubernetes.io/pod-name, /pod-uid), as kube-apiserver 1.30+ adds them.
+    extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def is_master(self) -> bool:
@@ -57,9 +60,15 @@ class User:
 ADMIN = User('system:admin', (MASTERS, AUTHENTICATED))
 
 
-def service_account_user(namespace: str, name: str) -> User:
+POD_NAME_EXTRA = 'authentication.kubernetes.io/pod-name'
+POD_UID_EXTRA = 'authentication.kubernetes.io/pod-uid'
+
+
+def service_account_user(namespace: str, name: str, pod: tuple[str, str] | None = None) -> User:
+    """``pod``: (name, uid) of the pod the token is bound to, if any."""
+    extra = ((POD_NAME_EXTRA, (pod[0],)), (POD_UID_EXTRA, (pod[1],))) if pod else ()
     return User(f'system:serviceaccount:{namespace}:{name}',
-                ('system:serviceaccounts', f'system:serviceaccounts:{namespace}', AUTHENTICATED))
+                ('system:serviceaccounts', f'system:serviceaccounts:{namespace}', AUTHENTICATED), extra)
 
 
 @dataclasses.dataclass(frozen=True)

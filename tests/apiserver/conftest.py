@@ -16,6 +16,7 @@ etcd (this project's development machine has neither binary; GitHub Actions runs
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import pathlib
@@ -55,6 +56,26 @@ class ControlPlane:
     ca: pathlib.Path            # the API server's serving CA (it self-signs into --cert-dir)
     kubeconfig: pathlib.Path    # admin
     folder: pathlib.Path
+    apiserver_command: list[str] = dataclasses.field(default_factory=list)
+    apiserver: subprocess.Popen[bytes] | None = None
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver (etcd and everything in it stay), as an upgrade or a certificate
+        rotation on a single-master control plane does: connections cut, then refused."""
+        assert self.apiserver is not None
+        self.apiserver.terminate()
+        try:
+            self.apiserver.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.apiserver.kill()
+            self.apiserver.wait(timeout=10)
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again over the same etcd, port, serving certificate and
+        service-account keys (tokens minted before still authenticate); returns once ready."""
+        with (self.folder / 'kube-apiserver.log').open('ab') as log:
+            self.apiserver = subprocess.Popen(self.apiserver_command, stdout=log, stderr=subprocess.STDOUT)
+        _wait_ready(self.url, self.token, self.ca, [self.apiserver])
 
     def env(self, kubeconfig: pathlib.Path | None = None) -> dict[str, str]:
         path = os.pathsep.join([ASSETS, str(pathlib.Path(sys.executable).parent), os.environ.get('PATH', '')])
@@ -77,8 +98,21 @@ class ControlPlane:
                 raise AssertionError(f'timed out after {timeout:.0f}s waiting for {what}')
             time.sleep(0.5)
 
-    def token_for(self, namespace: str, account: str) -> str:
-        return self.run('kubectl', 'create', 'token', account, '-n', namespace, '--duration=2h').stdout.strip()
+    async def until(self, what: str, predicate: Callable[[], bool], timeout: float = 60) -> None:
+        """``wait_until`` for async cases: the event loop (and the pod runner on it) keeps running."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f'timed out after {timeout:.0f}s waiting for {what}')
+            await asyncio.sleep(0.5)
+
+    def token_for(self, namespace: str, account: str, pod: tuple[str, str] | None = None) -> str:
+        """A token of this ServiceAccount; ``pod`` (name, uid): bound to that pod, as the kubelet's
+        projected token is (1.30+ puts the pod's name into the token's user extra)."""
+        bound = ['--bound-object-kind=Pod', f'--bound-object-name={pod[0]}', f'--bound-object-uid={pod[1]}'] \
+            if pod else []
+        return self.run('kubectl', 'create', 'token', account, '-n', namespace, '--duration=2h',
+                        *bound).stdout.strip()
 
     def kubeconfig_for(self, token: str, name: str) -> pathlib.Path:
         path = self.folder / f'{name}.kubeconfig'
@@ -132,7 +166,7 @@ def control_plane() -> Iterator[ControlPlane]:
         f'--listen-client-urls=http://127.0.0.1:{etcd_port}', f'--advertise-client-urls=http://127.0.0.1:{etcd_port}',
         f'--listen-peer-urls=http://127.0.0.1:{etcd_peer}', '--unsafe-no-fsync=true',
     ], stdout=logs[0], stderr=subprocess.STDOUT)
-    apiserver = subprocess.Popen([
+    apiserver_command = [
         str(assets / 'kube-apiserver'), f'--etcd-servers=http://127.0.0.1:{etcd_port}',
         '--bind-address=127.0.0.1', f'--secure-port={api_port}', f'--cert-dir={folder / "certs"}',
         '--authorization-mode=RBAC', f'--token-auth-file={folder / "tokens.csv"}',
@@ -140,9 +174,11 @@ def control_plane() -> Iterator[ControlPlane]:
         '--service-account-issuer=https://kubernetes.default.svc.cluster.local',
         f'--service-account-key-file={folder / "sa.pub"}',
         f'--service-account-signing-key-file={folder / "sa.key"}',
-    ], stdout=logs[1], stderr=subprocess.STDOUT)
+    ]
+    apiserver = subprocess.Popen(apiserver_command, stdout=logs[1], stderr=subprocess.STDOUT)
     url = f'https://127.0.0.1:{api_port}'
     ca = folder / 'certs' / 'apiserver.crt'
+    plane: ControlPlane | None = None
     try:
         deadline = time.monotonic() + 60
         while not ca.exists() and time.monotonic() < deadline:
@@ -150,9 +186,12 @@ def control_plane() -> Iterator[ControlPlane]:
         _wait_ready(url, token, ca, [etcd, apiserver])
         kubeconfig = folder / 'admin.kubeconfig'
         kubeconfig.write_text(kubeconfig_text(url, ca, token))
-        yield ControlPlane(url=url, token=token, ca=ca, kubeconfig=kubeconfig, folder=folder)
+        plane = ControlPlane(url=url, token=token, ca=ca, kubeconfig=kubeconfig, folder=folder,
+                             apiserver_command=apiserver_command, apiserver=apiserver)
+        yield plane
     finally:
-        for process in (apiserver, etcd):
+        # The apiserver running now: a case may have stopped and started it again.
+        for process in (plane.apiserver if plane is not None and plane.apiserver else apiserver, etcd):
             process.terminate()
             try:
                 process.wait(timeout=30)

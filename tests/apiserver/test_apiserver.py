@@ -25,7 +25,7 @@ import pytest
 import requests
 import yaml
 
-from tests.apiserver.conftest import AVAILABLE, ROOT, SKIP_REASON, ControlPlane, unique
+from tests.apiserver.conftest import AVAILABLE, ROOT, SKIP_REASON, ControlPlane, free_port, unique
 from tests.manifests.test_crd_schema import MALFORMED
 from trainguard_sandbox.pods import LocalPodRunner
 
@@ -272,8 +272,10 @@ def start_runner(plane: ControlPlane, folder: pathlib.Path,
                  namespace: str) -> tuple[LocalPodRunner, asyncio.Task[None]]:
     """The kubelet here: trainer processes for this namespace's pods, each with its pod's token."""
     def pod_kubeconfig(pod: Any) -> pathlib.Path:
-        token = plane.token_for(pod['metadata']['namespace'], pod['spec']['serviceAccountName'])
-        return plane.kubeconfig_for(token, f'pod-{pod["metadata"]["name"]}')
+        metadata = pod['metadata']
+        token = plane.token_for(metadata['namespace'], pod['spec']['serviceAccountName'],
+                                pod=(metadata['name'], metadata['uid']))
+        return plane.kubeconfig_for(token, f'pod-{metadata["name"]}')
 
     runner = LocalPodRunner(plane.url, plane.kubeconfig, folder / 'pods', namespace=namespace,
                             headers={'Authorization': f'Bearer {plane.token}'},
@@ -392,7 +394,7 @@ async def test_an_eviction_mid_epoch_is_a_disruption_and_loses_no_step(control_p
                                            'cropSize': 64}
         create(plane, body, namespace, tmp_path)
         first_log = runner.log_path((namespace, 'drained-1'))
-        plane.wait_until('attempt 1 in epoch 2', lambda: first_log.exists() and 'epoch 2/30 step' in
+        await plane.until('attempt 1 in epoch 2', lambda: first_log.exists() and 'epoch 2/30 step' in
                          first_log.read_text(), timeout=180)
         eviction = tmp_path / 'eviction.json'
         eviction.write_text(json.dumps({'apiVersion': 'policy/v1', 'kind': 'Eviction',
@@ -413,6 +415,145 @@ async def test_an_eviction_mid_epoch_is_a_disruption_and_loses_no_step(control_p
         runner_task.cancel()
         await asyncio.gather(runner_task, return_exceptions=True)
         await runner.close()
+        stop_operator(operator)
+        plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
+        helm_uninstall(plane, release, system)
+
+
+OUTAGE_SECONDS = 45            # kube-apiserver stopped this long: longer than the runs' progress timeout
+OUTAGE_TIMEOUT = 30            # progressTimeoutSeconds; the heartbeat interval is 10 s
+OUTAGE_INTERVAL = 10
+HEALTHY_EPOCHS = 120           # long enough to train through the outage on a two-core machine
+
+
+def _metric(port: int, name: str) -> float:
+    text = requests.get(f'http://127.0.0.1:{port}/metrics', timeout=10).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(f'{name} ')]
+    assert len(values) == 1, (name, text[-2000:])
+    return values[0]
+
+
+async def test_a_stopped_kube_apiserver_fails_no_healthy_run_and_still_catches_a_frozen_one(
+        control_plane: ControlPlane, crd_absent, namespace: str, tmp_path: pathlib.Path) -> None:
+    """kube-apiserver stopped for longer than the runs' progress timeout (etcd keeps running,
+    as in a single-master upgrade) and started again over the same etcd. The healthy run's
+    trainer trained on, unheard: it ends Succeeded with no extra attempt. The frozen run is
+    failed after the outage within its timeout plus one heartbeat interval. The operator says
+    in an Event and a metric that it lost its view, and for how long."""
+    plane = control_plane
+    release, system = unique('tg'), unique('tg-system')
+    helm_install(plane, release, system, '--set', 'replicaCount=1')
+    wait_established(plane)
+    kubeconfig = plane.kubeconfig_for(plane.token_for(system, f'{release}-trainguard'), f'operator-{release}')
+    log_path, metrics_port = tmp_path / 'operator.log', free_port()
+    operator = start_operator(plane, kubeconfig, log_path, '--standalone', TRAINGUARD_METRICS_PORT=str(metrics_port),
+                              POD_NAME='trainguard-operator-0', POD_NAMESPACE=system)
+    runner, runner_task = start_runner(plane, tmp_path, namespace)
+    stopped = False
+    try:
+        healthy = tiny('cpu-run.yaml', progressTimeoutSeconds=OUTAGE_TIMEOUT, backoffLimit=0,
+                       model={'channels': [16, 32, 64], 'strides': [2, 2], 'numResUnits': 1},
+                       dataset={'numSamples': 60})
+        healthy['metadata']['name'] = 'healthy'
+        healthy['spec']['hyperparameters'] = {'batchSize': 4, 'numWorkers': 0, 'epochs': HEALTHY_EPOCHS,
+                                              'resolution': 64, 'cropSize': 64}
+        frozen = tiny('hang-demo-run.yaml', progressTimeoutSeconds=OUTAGE_TIMEOUT)
+        frozen['metadata']['name'] = 'frozen'
+        for body in (healthy, frozen):
+            create(plane, body, namespace, tmp_path)
+        for name in ('healthy', 'frozen'):
+            await plane.until(f'{name} to beat', lambda name=name: json.loads(plane.run(
+                'kubectl', 'get', 'tr', name, '-n', namespace, '-o', 'json').stdout).get('status', {}).get(
+                'progress', {}).get('step') is not None, timeout=180)
+        await asyncio.to_thread(plane.stop_apiserver)
+        stopped = True
+        await asyncio.sleep(OUTAGE_SECONDS)
+        await asyncio.to_thread(plane.start_apiserver)
+        stopped = False
+        reopened = time.monotonic()
+        caught = await _wait_phase(plane, 'frozen', namespace, ('Succeeded', 'Failed'),
+                                   OUTAGE_TIMEOUT + OUTAGE_INTERVAL + 30)
+        failed_after = time.monotonic() - reopened
+        print(f'outage: frozen run failed {failed_after:.1f}s after kube-apiserver answered again')
+        assert caught['status']['reason'] == 'ProgressTimeout', caught['status']
+        # Within its timeout plus one interval (kubectl polls every second or so: 3 s slack).
+        assert failed_after <= OUTAGE_TIMEOUT + OUTAGE_INTERVAL + 3, failed_after
+        done = await _wait_phase(plane, 'healthy', namespace, ('Succeeded', 'Failed'), 600)
+        assert done['status']['phase'] == 'Succeeded', done['status']
+        assert done['status']['attempts'] == 1 and not done['status'].get('failedAttempts'), done['status']
+        pods = plane.run('kubectl', 'get', 'pods', '-n', namespace, '-o', 'name').stdout.split()
+        assert sorted(pods) == ['pod/frozen-1', 'pod/healthy-1'] or sorted(pods) == ['pod/healthy-1'], pods
+        assert _metric(metrics_port, 'trainguard_api_outages_total') >= 1
+        lost = _metric(metrics_port, 'trainguard_api_outage_seconds_total')
+        assert OUTAGE_SECONDS - 5 <= lost <= OUTAGE_SECONDS + 90, lost
+        assert _metric(metrics_port, 'trainguard_api_reachable') == 1
+        events = json.loads(plane.run('kubectl', 'get', 'events', '-n', system, '-o', 'json').stdout)['items']
+        said = [event['message'] for event in events if event['reason'] == 'ApiUnreachable']
+        assert said and 'could not reach the API server for' in said[0], events
+        assert operator.poll() is None, log_path.read_text()[-3000:]
+    finally:
+        if stopped:
+            plane.start_apiserver()
+        runner_task.cancel()
+        await asyncio.gather(runner_task, return_exceptions=True)
+        await runner.close()
+        stop_operator(operator)
+        plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
+        helm_uninstall(plane, release, system)
+
+
+@pytest.mark.parametrize('identity', ['auto', 'run'], ids=['per-namespace-with-the-policy', 'per-run'])
+def test_a_trainer_token_writes_only_its_own_runs_heartbeat(control_plane: ControlPlane, crd_absent, namespace: str,
+                                                             tmp_path: pathlib.Path, identity: str) -> None:
+    """The chart's policy (1.30+) as kube-apiserver evaluates it, with the pod-bound tokens the
+    kubelet mounts; without it (per-run identity), RBAC's resourceNames alone."""
+    plane = control_plane
+    release, system = unique('tg'), unique('tg-system')
+    helm_install(plane, release, system, '--set', 'replicaCount=1', '--set', f'operator.trainerIdentity={identity}')
+    wait_established(plane)
+    kubeconfig = plane.kubeconfig_for(plane.token_for(system, f'{release}-trainguard'), f'operator-{release}')
+    log_path = tmp_path / 'operator.log'
+    operator = start_operator(plane, kubeconfig, log_path, '--standalone')
+    try:
+        for name in ('a', 'b'):
+            body = tiny('cpu-run.yaml')
+            body['metadata']['name'] = name
+            create(plane, body, namespace, tmp_path)
+        runs: dict[str, Any] = {}
+        for name in ('a', 'b'):
+            plane.wait_until(f'{name}: pod created and named in status', lambda name=name: runs.update({
+                name: json.loads(plane.run('kubectl', 'get', 'tr', name, '-n', namespace, '-o', 'json').stdout)})
+                or (runs[name].get('status') or {}).get('podName') == f'{name}-1', timeout=90)
+        pod = json.loads(plane.run('kubectl', 'get', 'pod', 'a-1', '-n', namespace, '-o', 'json').stdout)
+        account = pod['spec']['serviceAccountName']
+        assert account == ('trainguard-trainer' if identity == 'auto' else 'a-trainer'), account
+        token = plane.token_for(namespace, account, pod=('a-1', pod['metadata']['uid']))
+
+        def call(method: str, path: str, body: Any = None) -> requests.Response:
+            return requests.request(method, plane.url + path, json=body, verify=str(plane.ca), timeout=30, headers={
+                'Authorization': f'Bearer {token}', 'Content-Type': 'application/merge-patch+json'})
+        runs_path = f'/apis/trainguard.io/v1alpha1/namespaces/{namespace}/trainingruns'
+        beat = {'metadata': {'annotations': {'trainguard.io/progress': json.dumps({'epoch': 1, 'epochs': 2, 'step': 1,
+                                                                                  'steps': 4})}}}
+        answer = call('PATCH', f'{runs_path}/a', beat)
+        assert answer.status_code == 200, answer.text
+        refused = [('PATCH', f'{runs_path}/b', beat), ('PATCH', f'{runs_path}/a/status', {'status': {'phase': 'X'}}),
+                   ('GET', f'/api/v1/namespaces/{namespace}/pods', None),
+                   ('GET', f'/api/v1/namespaces/{namespace}/secrets', None)]
+        if identity == 'auto':   # what only the policy refuses
+            refused += [('PATCH', f'{runs_path}/a', {'spec': {'hyperparameters': {'epochs': 99}}}),
+                        ('PATCH', f'{runs_path}/a', {'metadata': {'annotations': {'other': 'x'}}})]
+        for method, path, body in refused:
+            answer = call(method, path, body)
+            assert answer.status_code == 403, (method, path, answer.text)
+        if identity == 'auto':
+            message = call('PATCH', f'{runs_path}/b', beat).json()['message']
+            assert message == ('trainingruns.trainguard.io "b" is forbidden: ValidatingAdmissionPolicy '
+                               "'trainguard-trainer-own-run' with binding 'trainguard-trainer-own-run' denied request: "
+                               'a trainer may write only its own run: the token of pod a-1 may not UPDATE '
+                               'TrainingRun b, whose current pod is b-1'), message
+        assert 'trainer identity: one ServiceAccount per namespace' in log_path.read_text() or identity == 'run'
+    finally:
         stop_operator(operator)
         plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
         helm_uninstall(plane, release, system)

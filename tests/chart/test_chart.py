@@ -158,14 +158,24 @@ def test_feature_rules_only_when_the_feature_is_on():
         role = next(r for r in by_kind(docs, 'ClusterRole') if r['metadata']['name'] == 'tg-trainguard')
         return _rules(role['rules'])
     defaults = operator_rules(render())
-    assert not any(group in ('kopf.dev', 'admissionregistration.k8s.io') for group, _, _ in defaults)
+    assert not any(group == 'kopf.dev' or resource.startswith('mutating') for group, resource, _ in defaults)
+    # The trainer policy is read by name, only where the operator may share a trainer identity.
+    policy_rules = [rule for rule in next(r for r in by_kind(render(), 'ClusterRole')
+                                          if r['metadata']['name'] == 'tg-trainguard')['rules']
+                    if rule['apiGroups'] == ['admissionregistration.k8s.io']]
+    assert policy_rules == [{'apiGroups': ['admissionregistration.k8s.io'],
+                             'resources': ['validatingadmissionpolicies', 'validatingadmissionpolicybindings'],
+                             'resourceNames': ['trainguard-trainer-own-run'], 'verbs': ['get']}]
+    per_run = operator_rules(render(None, '--set', 'operator.trainerIdentity=run'))
+    assert not any(group == 'admissionregistration.k8s.io' for group, _, _ in per_run)
     assert ('kopf.dev', 'clusterkopfpeerings', 'patch') in operator_rules(render(CHART / 'ci' / 'replicas-values.yaml'))
     assert ('admissionregistration.k8s.io', 'mutatingwebhookconfigurations', 'patch') in operator_rules(
         render(CHART / 'ci' / 'webhook-values.yaml'))
     # Exactly what the operator's own registration needs (trainguard.webhook.Registration):
     role = next(r for r in by_kind(render(CHART / 'ci' / 'webhook-values.yaml'), 'ClusterRole')
                 if r['metadata']['name'] == 'tg-trainguard')
-    admission = [rule for rule in role['rules'] if rule['apiGroups'] == ['admissionregistration.k8s.io']]
+    admission = [rule for rule in role['rules'] if rule['apiGroups'] == ['admissionregistration.k8s.io']
+                 and rule['resources'][0].startswith('mutating')]
     assert admission == [
         {'apiGroups': ['admissionregistration.k8s.io'], 'resources': ['mutatingwebhookconfigurations'],
          'verbs': ['create']},
@@ -186,6 +196,9 @@ def test_no_drift_from_manifests():
     manifest_role = yaml.safe_load((ROOT / 'manifests' / 'rbac' / 'role.yaml').read_text())
     chart_role = next(role for role in by_kind(docs, 'ClusterRole') if role['metadata']['name'] == 'tg-trainguard')
     assert _rules(chart_role['rules']) == _rules(manifest_role['rules'])
+    manifest_policy = list(yaml.safe_load_all((ROOT / 'manifests' / 'rbac' / 'trainer_policy.yaml').read_text()))
+    chart_policy = [doc for doc in docs if doc['kind'].startswith('ValidatingAdmissionPolicy')]
+    assert chart_policy == manifest_policy
     manifest_user_roles = {doc['metadata']['name'].removeprefix('trainguard-'): doc for doc in
                            yaml.safe_load_all((ROOT / 'manifests' / 'rbac' / 'trainingrun_roles.yaml').read_text())}
     for suffix, manifest in manifest_user_roles.items():
@@ -194,6 +207,18 @@ def test_no_drift_from_manifests():
         assert _rules(chart['rules']) == _rules(manifest['rules'])
         aggregate = {k: v for k, v in chart['metadata']['labels'].items() if k.startswith('rbac.authorization')}
         assert aggregate == {k: v for k, v in manifest['metadata']['labels'].items() if k.startswith('rbac.')}
+
+
+@pytest.mark.parametrize(('args', 'rendered'), [
+    ((), True), (('--kube-version', '1.29.0'), False), (('--set', 'operator.trainerIdentity=run'), False),
+], ids=['1.30-and-later', 'before-1.30', 'identity-per-run'])
+def test_the_trainer_policy_is_rendered_where_it_is_served_and_used(args, rendered):
+    docs = render(None, *args)
+    kinds = sorted(doc['kind'] for doc in docs if doc['kind'].startswith('ValidatingAdmissionPolicy'))
+    assert kinds == (['ValidatingAdmissionPolicy', 'ValidatingAdmissionPolicyBinding'] if rendered else [])
+    env = {item['name']: item['value'] for item in
+           by_kind(docs, 'Deployment')[0]['spec']['template']['spec']['containers'][0]['env']}
+    assert env['TRAINGUARD_TRAINER_IDENTITY'] == ('run' if 'operator.trainerIdentity=run' in args else 'auto')
 
 
 def test_manifests_render_with_kustomize_and_validate():

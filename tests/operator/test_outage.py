@@ -107,7 +107,10 @@ async def test_an_outage_longer_than_the_timeout_fails_no_healthy_run_and_still_
     seconds = float(re.search(r'^trainguard_api_outage_seconds_total ([0-9.e+]+)$', text, re.MULTILINE).group(1))
     assert OUTAGE - 10 <= seconds <= OUTAGE + 15, seconds
     assert 'trainguard_api_reachable 1.0' in text
-    events = [event for event in await api.list(EVENTS) if event['reason'] == 'ApiUnreachable']
+    async def outage_events() -> list:   # posted from a thread of its own, retried until taken
+        return [event for event in await api.list(EVENTS) if event['reason'] == 'ApiUnreachable']
+    await api.wait_for(outage_events, what='the ApiUnreachable Event')
+    events = await outage_events()
     assert len(events) == 1 and events[0]['involvedObject']['name'] == 'trainguard-0', events
     assert re.search(r'could not reach the API server for \d+s', events[0]['message']), events[0]['message']
 

@@ -58,6 +58,9 @@ CASES = {
     'serviceaccount': lambda: builders.build_service_account(RUN),
     'role': lambda: builders.build_role(RUN),
     'rolebinding': lambda: builders.build_role_binding(RUN),
+    'namespace-serviceaccount': lambda: builders.build_namespace_service_account('ml'),
+    'namespace-role': lambda: builders.build_namespace_role('ml'),
+    'namespace-rolebinding': lambda: builders.build_namespace_role_binding('ml'),
 }
 
 
@@ -73,6 +76,22 @@ def test_builder_matches_golden(name):
 def test_role_allows_only_get_and_patch_on_its_own_run():
     assert builders.build_role(RUN)['rules'] == [{'apiGroups': ['trainguard.io'], 'resources': ['trainingruns'],
                                                   'resourceNames': ['unet-cpu'], 'verbs': ['get', 'patch']}]
+
+
+@pytest.mark.parametrize(('identity', 'account'), [
+    (builders.RUN_IDENTITY, 'unet-cpu-trainer'), (builders.NAMESPACE_IDENTITY, 'trainguard-trainer'),
+], ids=['per-run', 'per-namespace'])
+def test_the_pod_runs_as_the_chosen_trainer_identity(identity, account):
+    spec = parse_spec({})
+    settings = builders.PodSettings(image='x', trainer_identity=identity)
+    assert builders.build_pod(RUN, spec, spec.hyperparameters, 1, settings)['spec']['serviceAccountName'] == account
+
+
+def test_the_namespace_identity_is_shared_not_owned_by_a_run():
+    """Deleting a run must not take the identity its namespace's other runs hold."""
+    for child in (builders.build_namespace_service_account('ml'), builders.build_namespace_role('ml'),
+                  builders.build_namespace_role_binding('ml')):
+        assert 'ownerReferences' not in child['metadata'] and child['metadata']['name'] == 'trainguard-trainer'
 
 
 @pytest.mark.parametrize(('workers', 'batch', 'resolution', 'expected'), [

@@ -27,7 +27,7 @@ def plan_at(seconds: float, pod=PodAbsence.UNKNOWN, first_seen=SEEN) -> machine.
 
 def test_within_the_grace_a_new_run_gets_its_children_and_no_status():
     plan = plan_at(0)
-    assert [child['kind'] for child in plan.children] == ['ServiceAccount', 'Role', 'RoleBinding', 'Pod']
+    assert [child['kind'] for child in plan.children] == ['ServiceAccount', 'Pod', 'Role', 'RoleBinding']
     assert plan.status_patch is None and not plan.events and not plan.logs
     assert plan.spec_patch is not None   # without the webhook the CPU rewrite is still written at once
 

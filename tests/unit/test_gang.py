@@ -75,8 +75,9 @@ def started(**extra):
 def test_the_first_reconcile_creates_the_service_and_one_pod_per_rank():
     plan = machine.reconcile(run(), PodAbsence.UNKNOWN, NOW, machine.Settings())
     kinds = [(child['kind'], child['metadata']['name']) for child in plan.children]
-    assert kinds == [('ServiceAccount', 'r-trainer'), ('Role', 'r-trainer'), ('RoleBinding', 'r-trainer'),
-                     ('Service', 'r'), ('Pod', 'r-1-0'), ('Pod', 'r-1-1')]
+    # What the pods need at admission first, the pods, then what only the first beat needs.
+    assert kinds == [('ServiceAccount', 'r-trainer'), ('Service', 'r'), ('Pod', 'r-1-0'), ('Pod', 'r-1-1'),
+                     ('Role', 'r-trainer'), ('RoleBinding', 'r-trainer')]
     assert plan.status_patch is not None
     assert {key: plan.status_patch[key] for key in ('podName', 'nodes', 'attemptCreationTime', 'message')} == {
         'podName': 'r-1-0', 'nodes': '0/2', 'attemptCreationTime': '2026-11-27T12:00:00Z',
@@ -85,8 +86,8 @@ def test_the_first_reconcile_creates_the_service_and_one_pod_per_rank():
 
 def test_a_single_node_run_creates_no_service_and_keeps_its_pod_name():
     plan = machine.reconcile(run(num_nodes=1), PodAbsence.UNKNOWN, NOW, machine.Settings())
-    assert [child['kind'] for child in plan.children] == ['ServiceAccount', 'Role', 'RoleBinding', 'Pod']
-    assert plan.children[-1]['metadata']['name'] == 'r-1'
+    assert [child['kind'] for child in plan.children] == ['ServiceAccount', 'Pod', 'Role', 'RoleBinding']
+    assert plan.children[1]['metadata']['name'] == 'r-1'
     assert 'attemptCreationTime' not in (plan.status_patch or {})
 
 

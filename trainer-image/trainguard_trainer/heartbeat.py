@@ -119,8 +119,13 @@ class KubernetesSender:
                 now = time.monotonic()
                 if unreachable_since is None:
                     unreachable_since = now
-                    log.warning('the API is unreachable (%s: %s); training goes on, the latest %s is retried',
-                                type(error).__name__, str(error)[:200], self._annotation)
+                    # An HTTP answer (a policy that admits beats only once the run names this pod,
+                    # a Role not created yet) is retried like no answer at all.
+                    status = getattr(error, 'status', None)
+                    problem = (f'refused the {self._annotation} ({status} {getattr(error, "reason", "")})'
+                               if isinstance(status, int) and status else
+                               f'is unreachable ({type(error).__name__}: {str(error)[:200]})')
+                    log.warning('the API %s; training goes on, the latest %s is retried', problem, self._annotation)
                 elif not said_limit and now - unreachable_since > self._limit:
                     said_limit = True
                     log.warning('the API has been unreachable for %.0fs; training goes on and reports its '

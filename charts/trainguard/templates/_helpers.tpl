@@ -62,6 +62,13 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [list, watch]
+{{- if ne .Values.operator.trainerIdentity "run" }}
+# Whether the trainer policy is installed (trainguard.domain.identity): read by name, once at start-up.
+- apiGroups: [admissionregistration.k8s.io]
+  resources: [validatingadmissionpolicies, validatingadmissionpolicybindings]
+  resourceNames: [trainguard-trainer-own-run]
+  verbs: [get]
+{{- end }}
 {{- if gt (int .Values.replicaCount) 1 }}
 # kopf peering: replicas agree which one is active.
 - apiGroups: [kopf.dev]

@@ -29,6 +29,11 @@ POD_GROUP_COUNT_ANNOTATION = 'kueue.x-k8s.io/pod-group-total-count'
 RETRIABLE_IN_GROUP_ANNOTATION = 'kueue.x-k8s.io/retriable-in-group'
 MASTER_PORT = 29500                    # torchrun's default rendezvous port, on rank 0's pod
 MANAGED_BY = 'trainguard'
+RUN_IDENTITY, NAMESPACE_IDENTITY = 'run', 'namespace'
+# The trainer identity shared by a namespace's runs, and the admission policy that narrows it
+# (charts/trainguard and manifests/rbac install the policy under this name).
+NAMESPACE_TRAINER_ACCOUNT = 'trainguard-trainer'
+TRAINER_POLICY = 'trainguard-trainer-own-run'
 TRAINER_UID = 10001
 PREFETCH_FACTOR = 2       # torch DataLoader's default prefetch_factor
 SHM_HEADROOM = 2          # room for pinned buffers and the collate copy
@@ -50,6 +55,10 @@ class PodSettings:
     gpu_image: str = ''   # for runs that request GPUs and set no spec.image; empty: `image`
     image_pull_policy: str = 'IfNotPresent'
     extra_env: tuple[tuple[str, str], ...] = ()
+    # Whose token the trainer holds: RUN_IDENTITY, a ServiceAccount and Role per run;
+    # NAMESPACE_IDENTITY, one per namespace, narrowed to the pod's own run by the
+    # ValidatingAdmissionPolicy TRAINER_POLICY (README, "What a trainer may do").
+    trainer_identity: str = 'run'
 
 
 def label_value(text: str) -> str:
@@ -118,6 +127,11 @@ def trainer_account_name(run_name: str) -> str:
     return name if len(name) <= 253 else f'{run_name[:235]}-{hashlib.sha256(run_name.encode()).hexdigest()[:8]}-t'
 
 
+def pod_account_name(run_name: str, identity: str) -> str:
+    """The ServiceAccount a trainer pod of this run runs as."""
+    return NAMESPACE_TRAINER_ACCOUNT if identity == NAMESPACE_IDENTITY else trainer_account_name(run_name)
+
+
 def owner_reference(run: RunRef) -> dict[str, Any]:
     return {'apiVersion': API_VERSION, 'kind': KIND, 'name': run.name, 'uid': run.uid,
             'controller': True, 'blockOwnerDeletion': True}
@@ -161,6 +175,36 @@ def build_role_binding(run: RunRef) -> dict[str, Any]:
         'metadata': _metadata(run, name, 'trainer-identity'),
         'roleRef': {'apiGroup': 'rbac.authorization.k8s.io', 'kind': 'Role', 'name': name},
         'subjects': [{'kind': 'ServiceAccount', 'name': name, 'namespace': run.namespace}],
+    }
+
+
+def _namespace_metadata(namespace: str) -> dict[str, Any]:
+    """Shared by every run in the namespace: no owner (deleting a run must not take it), so
+    it stays until removed by hand (`kubectl delete sa,role,rolebinding -l ...`)."""
+    return {'name': NAMESPACE_TRAINER_ACCOUNT, 'namespace': namespace, 'labels': {
+        'app.kubernetes.io/name': 'trainguard-trainer', 'app.kubernetes.io/component': 'trainer-identity',
+        'app.kubernetes.io/part-of': 'trainguard', 'app.kubernetes.io/managed-by': MANAGED_BY}}
+
+
+def build_namespace_service_account(namespace: str) -> dict[str, Any]:
+    return {'apiVersion': 'v1', 'kind': 'ServiceAccount', 'metadata': _namespace_metadata(namespace)}
+
+
+def build_namespace_role(namespace: str) -> dict[str, Any]:
+    """get and patch on the namespace's TrainingRuns: on its own far too much, so the policy
+    TRAINER_POLICY lets a token use it only on the run whose current pod holds the token, and
+    only to write the two annotations of the heartbeat protocol."""
+    return {
+        'apiVersion': 'rbac.authorization.k8s.io/v1', 'kind': 'Role', 'metadata': _namespace_metadata(namespace),
+        'rules': [{'apiGroups': ['trainguard.io'], 'resources': ['trainingruns'], 'verbs': ['get', 'patch']}],
+    }
+
+
+def build_namespace_role_binding(namespace: str) -> dict[str, Any]:
+    return {
+        'apiVersion': 'rbac.authorization.k8s.io/v1', 'kind': 'RoleBinding', 'metadata': _namespace_metadata(namespace),
+        'roleRef': {'apiGroup': 'rbac.authorization.k8s.io', 'kind': 'Role', 'name': NAMESPACE_TRAINER_ACCOUNT},
+        'subjects': [{'kind': 'ServiceAccount', 'name': NAMESPACE_TRAINER_ACCOUNT, 'namespace': namespace}],
     }
 
 
@@ -331,7 +375,7 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
         container['ports'] = [{'name': 'rendezvous', 'containerPort': MASTER_PORT, 'protocol': 'TCP'}]
     pod_spec: dict[str, Any] = {
         'restartPolicy': 'Never',
-        'serviceAccountName': trainer_account_name(run.name),
+        'serviceAccountName': pod_account_name(run.name, settings.trainer_identity),
         'automountServiceAccountToken': True,
         # SIGTERM to SIGKILL: the trainer finishes its step, saves and exits (a drain loses no step).
         'terminationGracePeriodSeconds': spec.termination_grace_period_seconds,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from trainguard.domain import identity
 from trainguard.domain.builders import PodSettings
 from trainguard.domain.policy import CpuLimits
 from trainguard.domain.reconcile import Settings
@@ -38,6 +39,7 @@ class Config:
     metrics_port: int                  # 0: no Prometheus endpoint
     peering_priority: int | None       # kopf peering: highest live priority is active; None: random per process
     peering_lifetime: int              # seconds a silent peer counts as alive (how fast a standby takes over)
+    trainer_identity: str = 'auto'     # auto | namespace | run (trainguard.domain.identity)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -104,4 +106,5 @@ def config_from_env(env: Mapping[str, str]) -> Config:
         peering_priority=_int(env, 'TRAINGUARD_PEERING_PRIORITY', 0, 1, 2**31 - 1)
         if env.get('TRAINGUARD_PEERING_PRIORITY', '').strip() else None,
         peering_lifetime=_int(env, 'TRAINGUARD_PEERING_LIFETIME_SECONDS', 60, 10, 3600),
+        trainer_identity=_choice(env, 'TRAINGUARD_TRAINER_IDENTITY', 'auto', identity.CHOICES),
     )

@@ -62,6 +62,8 @@ class Event:
 @dataclasses.dataclass
 class Plan:
     spec_patch: dict[str, Any] | None = None
+    # Created in this order. A child with no ownerReference is shared by the namespace (the
+    # trainer identity): the runtime may skip it once it knows it exists.
     children: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     delete_pods: list[str] = dataclasses.field(default_factory=list)   # at once (grace 0): hung or failed
     stop_pods: list[str] = dataclasses.field(default_factory=list)     # gracefully: the trainer saves first
@@ -446,12 +448,23 @@ def _start_attempt(plan: Plan, target: dict[str, Any], ref: builders.RunRef, spe
     pod_settings = dataclasses.replace(settings.pod, heartbeat_seconds=settings.heartbeat_seconds(spec))
     plan.started_attempt = reason
     hang = _hang_switch(annotations, hp)
-    plan.children += [builders.build_service_account(ref), builders.build_role(ref), builders.build_role_binding(ref)]
+    # The pod needs its ServiceAccount at admission; the Role and binding only for the
+    # trainer's first beat, which retries until they exist: they follow the pods, off the
+    # path to them. The namespace's shared identity has no owner: the runtime creates it
+    # once per namespace and skips it afterwards (Plan.children).
+    if settings.pod.trainer_identity == builders.NAMESPACE_IDENTITY:
+        plan.children.append(builders.build_namespace_service_account(ref.namespace))
+        identity_after = [builders.build_namespace_role(ref.namespace),
+                          builders.build_namespace_role_binding(ref.namespace)]
+    else:
+        plan.children.append(builders.build_service_account(ref))
+        identity_after = [builders.build_role(ref), builders.build_role_binding(ref)]
     if spec.num_nodes > 1:
         plan.children.append(builders.build_service(ref))
         target['attemptCreationTime'] = format_time(now)  # the gang's startup deadline counts from here
     plan.children += [builders.build_pod(ref, spec, hp, attempt, pod_settings, hang, rank)
                       for rank in range(spec.num_nodes)]
+    plan.children += identity_after
     target.update(phase='Pending', reason=reason, message=message, attempts=attempt,
                   podName=builders.attempt_pod_names(ref.name, attempt, spec.num_nodes)[0], attemptStartTime=None,
                   nodes=f'0/{spec.num_nodes}')
