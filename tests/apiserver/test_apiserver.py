@@ -118,6 +118,22 @@ def test_the_server_refuses_a_malformed_run_naming_the_field(control_plane, crd,
     assert field in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(('container', 'field'), [
+    ({'name': 'trainer', 'command': ['sh', '-c', 'sleep 1d']}, 'spec.template.spec.containers[0].command'),
+    ({'name': 'trainer', 'securityContext': {'privileged': True}}, 'spec.template.spec.containers[0].securityContext'),
+    ({'name': 'trainer', 'image': 'evil'}, 'spec.template.spec.containers[0].image'),
+], ids=['command', 'privileged', 'image'])
+def test_the_trainers_own_fields_are_unknown_to_the_template(control_plane, crd, namespace, tmp_path, container,
+                                                              field) -> None:
+    """kubectl's default strict field validation refuses fields the template does not have."""
+    manifest = tmp_path / 'run.yaml'
+    manifest.write_text(yaml.safe_dump({'apiVersion': 'trainguard.io/v1alpha1', 'kind': 'TrainingRun',
+                                        'metadata': {'name': 'r', 'namespace': namespace},
+                                        'spec': {'template': {'spec': {'containers': [container]}}}}))
+    result = control_plane.run('kubectl', 'create', '-f', str(manifest), check=False)
+    assert result.returncode != 0 and f'unknown field "{field}"' in result.stderr, result.stderr
+
+
 def helm_install(plane: ControlPlane, release: str, namespace: str, *args: str) -> None:
     plane.run('kubectl', 'apply', '-f', str(FOREIGN))
     for team in ('ml-team-a', 'ml-team-b'):   # namespaced-values binds roles there; never deleted

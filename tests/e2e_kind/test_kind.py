@@ -95,6 +95,23 @@ def test_a_frozen_rank_stops_the_whole_gang(installed):
     wait_pods_gone(installed, 'unet-multinode-hang-demo')   # both ranks' pods
 
 
+def test_a_run_with_a_pod_template_gets_its_priority_pull_secret_and_labels(installed):
+    """manifests/samples/shared-cluster-run.yaml on a real cluster: a PriorityClass the pod must
+    name (kube-apiserver's Priority admission resolves it to a number), a pull secret, an
+    affinity, a label and env from a Secret, on the trainer pod that then trains to Succeeded."""
+    installed.kubectl('create', 'priorityclass', 'training-high', '--value=1000', '--description=training runs')
+    installed.kubectl('create', 'secret', 'docker-registry', 'registry-credentials', '--docker-server=example.com',
+                      '--docker-username=ci', '--docker-password=ci')
+    apply_sample(installed, 'shared-cluster-run.yaml')
+    wait_for(installed, 'unet-shared-cluster', '{.status.phase}=Succeeded', '900s')
+    pod = json.loads(installed.kubectl('get', 'pod', 'unet-shared-cluster-1', '-o', 'json'))
+    assert pod['spec']['priorityClassName'] == 'training-high' and pod['spec']['priority'] == 1000
+    assert pod['spec']['imagePullSecrets'] == [{'name': 'registry-credentials'}]
+    assert pod['metadata']['labels']['cost-center'] == 'radiology'
+    assert pod['metadata']['labels']['kueue.x-k8s.io/priority-class'] == 'training-high'
+    assert pod['spec']['containers'][0]['envFrom'] == [{'secretRef': {'name': 'mlflow-token', 'optional': True}}]
+
+
 KUEUE_VERSION = os.environ.get('KUEUE_VERSION', 'v0.10.1')
 KUEUE_MANIFEST = f'https://github.com/kubernetes-sigs/kueue/releases/download/{KUEUE_VERSION}/manifests.yaml'
 

@@ -43,6 +43,40 @@ def single_node_two_gpu_pod():
     return builders.build_pod(RUN, spec, spec.hyperparameters, 1, SETTINGS)
 
 
+# A complete template, as a shared GPU cluster asks of every pod (README, "Pod template").
+TEMPLATE = {
+    'metadata': {'labels': {'cost-center': 'radiology', 'kueue.x-k8s.io/priority-class': 'high'},
+                 'annotations': {'sidecar.istio.io/inject': 'false'}},
+    'spec': {
+        'priorityClassName': 'training-high',
+        'imagePullSecrets': [{'name': 'registry-credentials'}],
+        'affinity': {'nodeAffinity': {'requiredDuringSchedulingIgnoredDuringExecution': {'nodeSelectorTerms': [
+            {'matchExpressions': [{'key': 'nvidia.com/gpu.product', 'operator': 'In',
+                                   'values': ['NVIDIA-H100-80GB-HBM3']}]}]}}},
+        'topologySpreadConstraints': [{'maxSkew': 1, 'topologyKey': 'kubernetes.io/hostname',
+                                       'whenUnsatisfiable': 'ScheduleAnyway',
+                                       'labelSelector': {'matchLabels': {'team': 'radiology'}}}],
+        'schedulerName': 'volcano',
+        'runtimeClassName': 'nvidia',
+        'securityContext': {'supplementalGroups': [2000]},
+        'volumes': [{'name': 'dataset-cache', 'persistentVolumeClaim': {'claimName': 'cache', 'readOnly': True}}],
+        'containers': [{'name': 'trainer',
+                        'env': [{'name': 'MLFLOW_TRACKING_URI', 'value': 'http://mlflow.ml:5000'}],
+                        'envFrom': [{'secretRef': {'name': 'mlflow-token'}}],
+                        'volumeMounts': [{'name': 'dataset-cache', 'mountPath': '/cache', 'readOnly': True}]}],
+    },
+}
+
+
+def template_pod(rank: int | None = None):
+    raw = {'template': TEMPLATE, 'hyperparameters': {'batchSize': 4, 'numWorkers': 2, 'resolution': 128,
+                                                     'cropSize': 128}}
+    if rank is not None:
+        raw['numNodes'] = 2
+    parsed = parse_spec(raw)
+    return builders.build_pod(RUN, parsed, parsed.hyperparameters, 2, SETTINGS, rank=rank or 0)
+
+
 CASES = {
     'pod-cpu': cpu_pod,
     'pod-gpu': gpu_pod,
@@ -58,6 +92,9 @@ CASES = {
     'serviceaccount': lambda: builders.build_service_account(RUN),
     'role': lambda: builders.build_role(RUN),
     'rolebinding': lambda: builders.build_role_binding(RUN),
+    'pod-template': template_pod,
+    'pod-2node-template-rank0': lambda: template_pod(0),
+    'pod-2node-template-rank1': lambda: template_pod(1),
     'namespace-serviceaccount': lambda: builders.build_namespace_service_account('ml'),
     'namespace-role': lambda: builders.build_namespace_role('ml'),
     'namespace-rolebinding': lambda: builders.build_namespace_role_binding('ml'),

@@ -23,15 +23,18 @@ def ago(seconds: float) -> datetime.datetime:
     return NOW - datetime.timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize(('view', 'held'), [
-    (View(), False),
-    (View(since=ago(3600)), False),
-    (View(since=ago(10)), True),                         # within interval (10) + margin (15)
-    (View(since=ago(10 + VIEW_MARGIN_SECONDS)), False),  # exactly at the end of the grace
-    (View(since=ago(3600), lost=True), True),
-], ids=['no-view-tracked', 'long-since', 'just-regained', 'grace-over', 'lost'])
-def test_a_stall_stands_only_for_silence_the_operator_could_observe(view, held):
-    assert (hold_until(view, NOW, 10) is not None) == held
+@pytest.mark.parametrize(('view', 'silent_since', 'held'), [
+    (View(), ago(60), False),
+    (View(since=ago(3600)), ago(60), False),
+    (View(since=ago(10)), ago(60), True),                         # within interval (10) + margin (15)
+    (View(since=ago(10)), None, True),                            # when the silence began is not known
+    (View(since=ago(10 + VIEW_MARGIN_SECONDS)), ago(60), False),  # exactly at the end of the grace
+    (View(since=ago(10)), ago(8), False),                         # the operator watched the silence begin
+    (View(since=ago(3600), lost=True), ago(8), True),
+], ids=['no-view-tracked', 'long-since', 'just-regained', 'start-unknown', 'grace-over', 'silence-observed-whole',
+        'lost'])
+def test_a_stall_stands_only_for_silence_the_operator_could_observe(view, silent_since, held):
+    assert (hold_until(view, NOW, 10, silent_since) is not None) == held
 
 
 @pytest.mark.parametrize(('running', 'silent', 'mass'), [

@@ -13,6 +13,7 @@ from typing import Any
 
 from trainguard.domain.policy import effective_device, effective_gpus
 from trainguard.domain.spec import Hyperparameters, RunSpec
+from trainguard.domain.template import merge
 
 API_VERSION = 'trainguard.io/v1alpha1'
 KIND = 'TrainingRun'
@@ -394,4 +395,5 @@ def build_pod(run: RunRef, spec: RunSpec, hp: Hyperparameters, attempt: int, set
     tolerations = _tolerations(spec, device)
     if tolerations:
         pod_spec['tolerations'] = tolerations
-    return {'apiVersion': 'v1', 'kind': 'Pod', 'metadata': metadata, 'spec': pod_spec}
+    # The run's template last: it adds to what is above and overrides none of it (domain.template).
+    return merge({'apiVersion': 'v1', 'kind': 'Pod', 'metadata': metadata, 'spec': pod_spec}, spec.template)

@@ -8,9 +8,11 @@ not pay for it. Two rules, after kubelet's node leases and kube-controller-manag
 
 - **A view that restarts grants a grace.** The operator's view of the API starts when the
   process starts (or takes over as leader) and again when the API answers after an outage.
-  A run is never convicted before ``view_since + heartbeat interval + VIEW_MARGIN_SECONDS``:
-  its trainer gets one full interval to be heard (its retries are capped at the interval)
-  plus a margin for the watch to deliver it. While the view is lost nothing is convicted.
+  A run whose silence began before the view did is never convicted before ``view_since +
+  heartbeat interval + VIEW_MARGIN_SECONDS``: its trainer gets one full interval to be heard
+  (its retries are capped at the interval) plus a margin for the watch to deliver it. A
+  silence the operator watched begin is judged on its timeout alone. While the view is lost
+  nothing is convicted.
 - **Mass silence is the observer's problem.** When at least ``MASS_SILENCE_MIN_RUNS`` running
   runs and at least ``MASS_SILENCE_FRACTION`` of them are silent past their timeouts at once,
   the operator does not stop them: it marks them ``Stalled=Unknown`` (reason ``MassSilence``)
@@ -43,12 +45,17 @@ class View:
 UNLIMITED_VIEW = View()
 
 
-def hold_until(view: View, now: datetime.datetime, heartbeat_seconds: float) -> datetime.datetime | None:
+def hold_until(view: View, now: datetime.datetime, heartbeat_seconds: float,
+               silent_since: datetime.datetime | None = None) -> datetime.datetime | None:
     """When a stalled verdict may stand at the earliest, if that is later than ``now``; None when
-    it may stand now. A lost view holds it with no known end (``datetime.max``)."""
+    it may stand now. A lost view holds it with no known end (``datetime.max``).
+
+    ``silent_since``: when the run's silence began (its last beat as observed, or its start).
+    A silence that began inside the view was observed whole: nothing to hold. Only a silence
+    that began before the view (before a restart, a takeover, an outage's end) gets the grace."""
     if view.lost:
         return datetime.datetime.max.replace(tzinfo=datetime.UTC)
-    if view.since is None:
+    if view.since is None or (silent_since is not None and silent_since >= view.since):
         return None
     earliest = view.since + datetime.timedelta(seconds=heartbeat_seconds + VIEW_MARGIN_SECONDS)
     return earliest if now < earliest else None

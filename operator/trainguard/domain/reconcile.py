@@ -23,6 +23,7 @@ from trainguard.domain.retry import HANG_REASONS, adapt_for_retry
 from trainguard.domain.spec import Hyperparameters, RunSpec, SpecError, parse_hyperparameters, parse_spec
 from trainguard.domain.stall import Stalled, active_seconds, judge_gang_start, judge_stall
 from trainguard.domain.stallreport import STALL_ANNOTATION, parse_stall_report
+from trainguard.domain.template import with_run_priority
 
 TERMINAL_PHASES = frozenset({'Succeeded', 'Failed'})
 
@@ -115,6 +116,7 @@ def reconcile(run: Mapping[str, Any], pod: PodView | Gang, now: datetime.datetim
     queue = (metadata.get('labels') or {}).get(builders.QUEUE_LABEL, '')
     if queue and not spec.queue_name:   # the run's own Kueue label names the queue too
         spec = dataclasses.replace(spec, queue_name=queue)
+    spec = dataclasses.replace(spec, template=with_run_priority(spec.template, metadata.get('labels') or {}))
     annotations = metadata.get('annotations') or {}
     rewrite = plan_rewrite(spec, (run.get('spec') or {}).get('hyperparameters') or {}, annotations, settings.limits)
     plan.spec_patch = rewrite.spec_patch
@@ -280,7 +282,8 @@ def _stalled(attempt: _Attempt) -> bool:
                           startup_timeout=attempt.spec.startup_timeout_seconds)
     if not isinstance(verdict, Stalled):
         return False
-    if hold_until(attempt.view, attempt.now, attempt.settings.heartbeat_seconds(attempt.spec)) is not None:
+    if hold_until(attempt.view, attempt.now, attempt.settings.heartbeat_seconds(attempt.spec),
+                  _silent_since(verdict, attempt.now)) is not None:
         return True   # silence the operator could not observe is not held against the run
     if attempt.view.mass_silence:
         attempt.plan.held = attempt.view.mass_silence
@@ -517,7 +520,14 @@ def silent_past_grace(run: Mapping[str, Any], view: View, now: datetime.datetime
         return False
     verdict = judge_stall(status, now, progress_timeout=spec.progress_timeout_seconds,
                           startup_timeout=spec.startup_timeout_seconds)
-    return isinstance(verdict, Stalled) and hold_until(view, now, settings.heartbeat_seconds(spec)) is None
+    return isinstance(verdict, Stalled) and hold_until(view, now, settings.heartbeat_seconds(spec),
+                                                        _silent_since(verdict, now)) is None
+
+
+def _silent_since(verdict: Stalled, now: datetime.datetime) -> datetime.datetime:
+    """When the silence began (a second early: silent_seconds is rounded down, and an early
+    start errs toward the grace)."""
+    return now - datetime.timedelta(seconds=verdict.silent_seconds + 1)
 
 
 # Failures a new attempt cannot fix: the same image on the same kind of node fails the same way.

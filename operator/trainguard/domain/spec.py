@@ -13,6 +13,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trainguard.domain.errors import SpecError
+from trainguard.domain.template import PodTemplate, parse_template
+
 GPU_RESOURCES = ('nvidia.com/gpu', 'amd.com/gpu')
 _LABEL_VALUE = re.compile(r'(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?')
 
@@ -29,13 +32,6 @@ DEFAULT_TIMEOUTS: dict[str, int] = {'progressTimeoutSeconds': 300, 'startupTimeo
                                    'terminationGracePeriodSeconds': 60}
 
 
-class SpecError(ValueError):
-    """A spec value the operator cannot run; ``field`` is its path, e.g. spec.hyperparameters.cropSize."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f'{field}: {problem}')
-        self.field = field
-        self.problem = problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +87,7 @@ class RunSpec:
     suspend: bool = False         # Job's convention (what Kueue sets): no pods while true
     active_deadline_seconds: int | None = None  # active wall-clock time allowed (suspended time excluded)
     queue_name: str = ''          # Kueue LocalQueue (spec.queueName, or the run's kueue.x-k8s.io/queue-name label)
+    template: PodTemplate = dataclasses.field(default_factory=PodTemplate)  # merged into every pod
 
 
 def _int(raw: Mapping[str, Any], key: str, field: str, default: int, low: int, high: int) -> int:
@@ -226,6 +223,7 @@ def parse_spec(raw: Mapping[str, Any]) -> RunSpec:
         active_deadline_seconds=(_int(raw, 'activeDeadlineSeconds', 'spec', 0, 1, 31_536_000)
                                  if raw.get('activeDeadlineSeconds') is not None else None),
         queue_name=_queue_name(raw),
+        template=parse_template(raw.get('template'), dataset.path),
     )
 
 
