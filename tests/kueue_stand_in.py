@@ -30,3 +30,15 @@ def admission_patch() -> dict[str, Any]:
 def preemption_status() -> dict[str, Any]:
     return {'status': {'conditions': [{'type': 'TerminationTarget', 'status': 'True', 'reason': 'Preempted',
                                        'message': 'Preempted to accommodate a higher priority Workload'}]}}
+
+
+PRIORITY_LABEL = 'kueue.x-k8s.io/priority-class'
+
+
+def lower_priority(pods: list[dict[str, Any]], priorities: dict[str, int], than: int) -> list[dict[str, Any]]:
+    """The admitted pods Kueue would preempt for a workload of priority ``than`` (its
+    ``withinClusterQueue: LowerPriority`` policy): those whose WorkloadPriorityClass, read from
+    the pod's ``kueue.x-k8s.io/priority-class`` label, is lower; a pod without one counts as 0."""
+    def priority(pod: dict[str, Any]) -> int:
+        return priorities.get(((pod.get('metadata') or {}).get('labels') or {}).get(PRIORITY_LABEL, ''), 0)
+    return [pod for pod in pods if not (pod.get('spec') or {}).get('schedulingGates') and priority(pod) < than]

@@ -256,6 +256,29 @@ def prune(schema: Schema, value: Any) -> Any:
     return value
 
 
+def unknown_fields(schema: Schema, value: Any, path: str = '') -> list[str]:
+    """The paths ``prune`` would drop (``spec.template.spec.containers[0].command``): what
+    ``fieldValidation=Strict`` (kubectl's default) refuses instead of dropping."""
+    found: list[str] = []
+    preserved = schema.get('x-kubernetes-preserve-unknown-fields')
+    if isinstance(value, dict) and schema.get('type') == 'object' and not preserved:
+        properties = schema.get('properties')
+        extra = schema.get('additionalProperties')
+        for key, item in value.items():
+            child = f'{path}.{key}' if path else key
+            if properties is not None:
+                if key in properties:
+                    found += unknown_fields(properties[key], item, child)
+                else:
+                    found.append(child)
+            elif isinstance(extra, Mapping):
+                found += unknown_fields(extra, item, child)
+    elif isinstance(value, list) and isinstance(schema.get('items'), Mapping):
+        for index, item in enumerate(value):
+            found += unknown_fields(schema['items'], item, f'{path}[{index}]')
+    return found
+
+
 def apply_defaults(schema: Schema, value: Any) -> Any:
     """Structural defaulting: a missing field with a default gets it, then defaults below it apply."""
     if isinstance(value, dict):

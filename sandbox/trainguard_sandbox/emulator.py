@@ -326,6 +326,12 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         crd = self.crd_schemas.get((resource.group, resource.version, resource.plural))
         kind = crd[0] if crd else str(obj.get('kind') or resource.plural)
         if crd is not None:
+            unknown = crd_checks.unknown_fields(crd[1], obj) if request.params.get('fieldValidation') == 'Strict' \
+                else []
+            if unknown:   # kubectl's default; without it the server drops them silently
+                listed = ', '.join(f'unknown field "{path}"' for path in unknown)
+                raise _error(400, 'BadRequest', f'{kind} in version "{resource.version}" cannot be handled as a '
+                                                f'{kind}: strict decoding error: {listed}')
             obj = crd_checks.apply_defaults(crd[1], crd_checks.prune(crd[1], copy.deepcopy(obj)))
         configs = list(self._webhook_configs.values())
         if configs and request.subresource is None:

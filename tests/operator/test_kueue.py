@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tests.kueue_stand_in import admission_patch, gate_queued_pods, preemption_status
+from tests.kueue_stand_in import PRIORITY_LABEL, admission_patch, gate_queued_pods, lower_priority, preemption_status
 from tests.operator.conftest import PODS
 from tests.operator.test_lifecycle import phase, set_pod_phase
 
@@ -85,3 +85,57 @@ async def test_runs_without_a_queue_are_untouched(api, operator, cluster):
     await api.wait_for_run('plain', phase('Pending'))
     (pod,) = await pods_of(api, 'plain')
     assert 'kueue.x-k8s.io/queue-name' not in pod['metadata']['labels'] and not pod['spec'].get('schedulingGates')
+
+
+async def test_a_high_priority_run_preempts_a_low_one_and_both_succeed(api, operator, cluster):
+    """Priority end to end, Kueue's part stood in: the runs' priority labels reach their pods, the
+    stand-in preempts by them (a quota of one gang), the low run goes back to Queued with a
+    disruption on record (not a failure), and both end Succeeded, low after re-admission."""
+    priorities = {'low': 100, 'high': 1000}
+    cluster.pod_create_hooks.append(gate_queued_pods)
+    await operator.start()
+    low = gang('low')
+    low['metadata']['labels'] = {PRIORITY_LABEL: 'low'}
+    low['spec'].pop('activeDeadlineSeconds')
+    await api.create(low)
+    await api.wait_for_run('low', phase('Queued'))
+    await admit(api, 'low')
+    for rank in (0, 1):
+        await set_pod_phase(api, f'low-1-{rank}', 'Running')
+    await api.wait_for_run('low', phase('Running'))
+
+    high = gang('high', template={'metadata': {'labels': {PRIORITY_LABEL: 'high'}}})
+    high['spec'].pop('activeDeadlineSeconds')
+    await api.create(high)
+    await api.wait_for_run('high', phase('Queued'))
+    pending = await pods_of(api, 'high')
+    assert {pod['metadata']['labels'][PRIORITY_LABEL] for pod in pending} == {'high'}
+    victims = lower_priority(await pods_of(api, 'low'), priorities, priorities['high'])
+    assert [pod['metadata']['name'] for pod in victims] == ['low-1-0', 'low-1-1']
+    assert {pod['metadata']['labels'][PRIORITY_LABEL] for pod in victims} == {'low'}
+    for pod in victims:   # Kueue preempts the lower-priority group whole, then admits the higher
+        await api.patch(pod['metadata']['name'], preemption_status(), resource=PODS, subresource='status')
+    for pod in victims:
+        async with api.emulator.delete(f'/api/v1/namespaces/default/pods/{pod["metadata"]["name"]}') as response:
+            assert response.status in (200, 404)
+    requeued = await api.wait_for_run('low', lambda r: r['status'].get('attempts') == 2 and
+                                      r['status'].get('phase') == 'Queued')
+    assert requeued['status']['disruptions'] == 1 and not requeued['status'].get('failedAttempts')
+    assert {pod['metadata']['labels'][PRIORITY_LABEL] for pod in await pods_of(api, 'low')} == {'low'}
+
+    await admit(api, 'high')
+    for rank in (0, 1):
+        await set_pod_phase(api, f'high-1-{rank}', 'Running')
+    await api.wait_for_run('high', phase('Running'))
+    for rank in (0, 1):
+        await set_pod_phase(api, f'high-1-{rank}', 'Succeeded', terminated={'exitCode': 0, 'reason': 'Completed'})
+    await api.wait_for_run('high', phase('Succeeded'))
+
+    await admit(api, 'low')   # quota free again: re-admitted
+    for rank in (0, 1):
+        await set_pod_phase(api, f'low-2-{rank}', 'Running')
+    await api.wait_for_run('low', phase('Running'))
+    for rank in (0, 1):
+        await set_pod_phase(api, f'low-2-{rank}', 'Succeeded', terminated={'exitCode': 0, 'reason': 'Completed'})
+    done = await api.wait_for_run('low', phase('Succeeded'))
+    assert done['status']['disruptions'] == 1 and done['status']['attempts'] == 2

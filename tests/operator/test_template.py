@@ -79,3 +79,24 @@ async def test_a_template_the_schema_refuses_never_reaches_the_operator(api, ope
         refusal = await answer.json()
     assert answer.status == 422 and 'spec.template.spec.containers[0].volumeMounts' in refusal['message'], refusal
     assert await api.find('bad') is None
+
+
+@pytest.mark.parametrize(('container', 'field'), [
+    ({'name': 'trainer', 'command': ['sh', '-c', 'sleep 1d']}, 'spec.template.spec.containers[0].command'),
+    ({'name': 'trainer', 'securityContext': {'privileged': True}}, 'spec.template.spec.containers[0].securityContext'),
+    ({'name': 'trainer', 'resources': {'limits': {'cpu': '64'}}}, 'spec.template.spec.containers[0].resources'),
+], ids=['command', 'privileged', 'resources'])
+async def test_the_trainers_own_fields_are_unknown_fields_to_kubectl(api, container, field):
+    """kubectl's default (fieldValidation=Strict) refuses them, as kube-apiserver does; without
+    it the server drops them, and the trainer runs as the operator built it either way."""
+    body = run_body('r', template={'spec': {'containers': [container]}})
+    url = '/apis/trainguard.io/v1alpha1/namespaces/default/trainingruns'
+    async with api.emulator.post(url, json=body, params={'fieldValidation': 'Strict'}) as answer:
+        refusal = await answer.json()
+    assert answer.status == 400 and refusal['message'] == (
+        f'TrainingRun in version "v1alpha1" cannot be handled as a TrainingRun: strict decoding error: '
+        f'unknown field "{field}"'), refusal
+    async with api.emulator.post(url, json=body) as answer:
+        assert answer.status < 300
+    stored = await api.get('r')
+    assert stored['spec']['template']['spec']['containers'] == [{'name': 'trainer'}]
