@@ -51,7 +51,7 @@ SANDBOX_ENTRIES = frozenset({MARKER, 'kubeconfig', 'pods', 'volumes', 'tmp'})
 PROCESS_GONE_SECONDS = 30.0
 
 SAMPLES = pathlib.Path(__file__).parent / 'manifests' / 'samples'
-COLUMNS = ('NAME', 'PHASE', 'DEVICE', 'NODES', 'EPOCH', 'ACTIVITY', 'PROGRESS', 'LOSS', 'REASON', 'AGE')
+COLUMNS = ('NAME', 'PHASE', 'DEVICE', 'NODES', 'EPOCH', 'ACTIVITY', 'PROGRESS', 'LOSS', 'DICE', 'REASON', 'AGE')
 
 
 def _age(created: str | None, now: datetime.datetime) -> str:
@@ -68,12 +68,13 @@ def table_rows(runs: Sequence[Mapping[str, Any]], now: datetime.datetime) -> lis
     for run in sorted(runs, key=lambda r: r['metadata']['name']):
         status = run.get('status') or {}
         progress = status.get('progress') or {}
-        loss = progress.get('loss')
+        loss, dice = progress.get('loss'), progress.get('dice')
         rows.append((
             run['metadata']['name'], status.get('phase', ''), status.get('device', ''), status.get('nodes', ''),
             status.get('epoch', ''), progress.get('activity', ''),
             f"{progress['percent']}%" if 'percent' in progress else '',
-            f'{loss:.4f}' if isinstance(loss, int | float) else '', status.get('reason', ''),
+            f'{loss:.4f}' if isinstance(loss, int | float) else '',
+            f'{dice:.4f}' if isinstance(dice, int | float) else '', status.get('reason', ''),
             _age(run['metadata'].get('creationTimestamp'), now),
         ))
     return rows
@@ -322,14 +323,16 @@ def _summary(final: Mapping[str, Mapping[str, Any]], cpu_name: str, multinode_na
     progress = cpu_status.get('progress') or {}
     # Succeeded alone could be a trainer that resumed a finished checkpoint and trained nothing:
     # the run must also have mirrored its heartbeats up to the last epoch.
-    trained = progress.get('percent') == 100 and progress.get('epoch') == progress.get('epochs')
+    trained = progress.get('percent') == 100 and progress.get('epoch') == progress.get('epochs') \
+        and isinstance(progress.get('bestDice'), int | float)
     checks = [
         (cpu_status.get('phase') == 'Succeeded' and bool(cpu_status.get('adjustments')),
          f'{cpu_name}: rewritten to CPU-safe settings ({len(cpu_status.get("adjustments") or [])} adjustments) '
          f'and {cpu_status.get("phase", "not finished")}'),
         (trained, f'{cpu_name}: trained here, heartbeats mirrored to {progress.get("percent", 0)}% '
                   f'(epoch {progress.get("epoch", "-")}/{progress.get("epochs", "-")}, '
-                  f'loss {progress.get("loss", "-")})'),
+                  f'loss {progress.get("loss", "-")}, validation Dice {progress.get("dice", "-")}, best '
+                  f'{progress.get("bestDice", "-")} at epoch {progress.get("bestEpoch", "-")})'),
         (gang_status.get('phase') == 'Succeeded' and gang_progress.get('worldSize') == 2
          and gang_progress.get('percent') == 100,
          f'{multinode_name}: {gang_status.get("phase", "not finished")} as one job of '

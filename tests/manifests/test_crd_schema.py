@@ -171,7 +171,7 @@ def test_printer_columns_and_names() -> None:
     crd = load_crd()
     version = crd['spec']['versions'][0]
     assert [column['name'] for column in version['additionalPrinterColumns']] == [
-        'Phase', 'Device', 'Nodes', 'Epoch', 'Activity', 'Progress', 'Loss', 'Reason', 'Disruptions', 'Age']
+        'Phase', 'Device', 'Nodes', 'Epoch', 'Activity', 'Progress', 'Loss', 'Dice', 'Reason', 'Disruptions', 'Age']
     assert version['subresources'] == {'status': {}}
     assert crd['spec']['names']['shortNames'] == ['tr']
     assert crd['spec']['names']['categories'] == ['training']

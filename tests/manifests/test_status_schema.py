@@ -41,7 +41,8 @@ def beating(phase: str) -> dict[str, Any]:
     training = phase == 'Training'
     beat = {'phase': phase, 'epoch': 1 if training else 0, 'epochs': 2, 'step': 3 if training else 0,
             'steps': 16 if training else 0, 'loss': 0.5, 'samplesPerSecond': 9.5, 'worldSize': 2, 'done': 3,
-            'total': 9, 'detail': 'caching', 'time': '2026-11-27T11:59:59Z'}
+            'total': 9, 'detail': 'caching', 'time': '2026-11-27T11:59:59Z', 'dice': 0.71, 'bestDice': 0.74,
+            'bestEpoch': 1}
     run = situations.run(reason='Training')
     run['metadata']['annotations'] = {PROGRESS_ANNOTATION: json.dumps(beat)}
     return run

@@ -32,6 +32,33 @@ def test_two_epochs_learn_and_write_outputs(tiny, sender):
     assert all(0.0 <= float(row['val_dice']) <= 1.0 for row in rows)
 
 
+def test_every_beat_after_a_validation_says_how_good_the_model_is(tiny, sender):
+    """The last and best validation Dice ride on every beat after the first validation (so the
+    status keeps them between validations), and best.pt holds the best epoch's weights."""
+    import torch
+
+    result = train(replace(tiny, epochs=3, learning_rate=0.02), sender=sender)
+    dice = [row['val_dice'] for row in result.history]
+    best_epoch = 1 + dice.index(max(dice))
+    first_validation = next(i for i, p in enumerate(sender.payloads) if p['phase'] == 'Validating')
+    assert all('dice' not in p for p in sender.payloads[:first_validation + 1])
+    last = sender.payloads[-1]
+    assert last['dice'] == pytest.approx(dice[-1], abs=1e-6)
+    assert last['bestDice'] == pytest.approx(max(dice), abs=1e-6) and last['bestEpoch'] == best_epoch
+    saved = torch.load(tiny.output_dir / 'best.pt', weights_only=False)
+    assert saved['epoch'] == best_epoch and saved['dice'] == pytest.approx(max(dice))
+    assert set(saved['model']) == set(build_model(tiny).state_dict())
+
+
+def test_a_resumed_run_reports_its_best_dice_from_its_first_beat_on(tiny, sender):
+    first = train(replace(tiny, epochs=1), sender=sender)
+    resumed = RecordingSender()
+    train(replace(tiny, epochs=2), sender=resumed)
+    training = next(p for p in resumed.payloads if p['phase'] == 'Training')
+    assert training['bestDice'] == pytest.approx(first.history[0]['val_dice'], abs=1e-6)
+    assert training['bestEpoch'] == 1
+
+
 def test_resume_continues_from_the_checkpoint(tiny, sender):
     first = train(replace(tiny, epochs=1), sender=sender)
     assert first.start_epoch == 1

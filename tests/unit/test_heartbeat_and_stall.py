@@ -32,6 +32,25 @@ def test_malformed_heartbeats_return_a_reason(text):
     assert isinstance(result, str) and 'trainguard.io/progress' in result
 
 
+def test_a_beat_after_a_validation_carries_the_models_dice_into_the_status():
+    beat = parse_heartbeat(json.dumps({**GOOD, 'dice': 0.81234567, 'bestDice': 0.85, 'bestEpoch': 1}))
+    assert isinstance(beat, Heartbeat)
+    status = beat.to_status(T0)
+    assert (status['dice'], status['bestDice'], status['bestEpoch']) == (0.8123, 0.85, 1)
+    # Before the first validation the beat has none, and writes none (the status keeps the last).
+    assert not {'dice', 'bestDice', 'bestEpoch'} & set(parse_heartbeat(json.dumps(GOOD)).to_status(T0))
+    # A beat that differs only by its Dice (same second, same step) is still written.
+    assert not beat.same_beat({**status, 'dice': 0.5})
+
+
+@pytest.mark.parametrize('quality', [
+    {'dice': 1.5}, {'dice': -0.1}, {'dice': 'good'}, {'bestDice': 0.9}, {'bestDice': 0.9, 'bestEpoch': 0},
+], ids=['dice-over-one', 'dice-negative', 'dice-text', 'best-without-epoch', 'best-epoch-zero'])
+def test_a_malformed_dice_is_named(quality):
+    result = parse_heartbeat(json.dumps({**GOOD, **quality}))
+    assert isinstance(result, str) and 'malformed' in result
+
+
 def test_no_heartbeat_is_none():
     assert parse_heartbeat(None) is None and parse_heartbeat('') is None
 

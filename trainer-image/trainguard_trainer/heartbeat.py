@@ -162,6 +162,13 @@ class Heartbeat:
         self._trained = False
         self.sent: int = 0
         self.failed: int = 0
+        self._quality: dict[str, Any] = {}   # the latest and best validation Dice, on every beat after it
+
+    def quality(self, *, dice: float, best_dice: float, best_epoch: int) -> None:
+        """How good the model is (the last and the best validation's mean Dice): carried by
+        every beat from now on, so the run's status keeps it between validations."""
+        self._quality = {'dice': round(float(dice), 6), 'bestDice': round(float(best_dice), 6),
+                         'bestEpoch': int(best_epoch)}
 
     def beat(self, *, epoch: int, epochs: int, step: int, steps: int, loss: float, samples_per_second: float,
              force: bool = False) -> bool:
@@ -191,7 +198,7 @@ class Heartbeat:
         if not force and self._last is not None and now - self._last < self._interval:
             return False
         self._stage = (fields['phase'], fields.get('detail'))
-        payload = {**fields, 'worldSize': self._world_size,
+        payload = {**fields, **self._quality, 'worldSize': self._world_size,
                    'time': self._wall_clock().astimezone(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}
         self._last = now  # a failed beat also waits an interval: an API outage is not hammered every step
         try:

@@ -36,6 +36,7 @@ from trainguard_trainer.watchdog import Watchdog, loader_workers
 
 log = logging.getLogger('trainguard_trainer')
 CHECKPOINT = 'checkpoint.pt'
+BEST_CHECKPOINT = 'best.pt'    # the best validation's weights, with its epoch and Dice
 METRICS = 'metrics.csv'
 CURVES = 'curves.png'
 
@@ -194,6 +195,20 @@ def _evaluate(model: torch.nn.Module, loader: DataLoader, device: str,
     return total / counted if counted else 0.0  # samples with no foreground anywhere (NaN) are not counted
 
 
+def _best(history: list[dict[str, float]]) -> dict[str, float] | None:
+    """The epoch with the highest validation Dice (the earliest of equals), or None before any."""
+    return max(history, key=lambda row: row['val_dice']) if history else None
+
+
+def _save_best(config: TrainerConfig, model: torch.nn.Module, row: dict[str, float]) -> None:
+    """``best.pt``: the weights of the best validation so far, with its epoch and Dice; written
+    whole or not at all, like the checkpoint."""
+    path = config.output_dir / BEST_CHECKPOINT
+    partial = path.with_suffix('.partial')
+    torch.save({'model': model.state_dict(), 'epoch': int(row['epoch']), 'dice': row['val_dice']}, partial)
+    partial.replace(path)
+
+
 def _write_outputs(config: TrainerConfig, history: list[dict[str, float]]) -> None:
     config.output_dir.mkdir(parents=True, exist_ok=True)
     with (config.output_dir / METRICS).open('w', newline='') as file:
@@ -330,6 +345,9 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
         else:
             start_epoch = state['epoch'] + 1
             log.info('resuming from %s: epoch %d of %d done', checkpoint_path, state['epoch'], config.epochs)
+    best = _best(history)
+    if best is not None:   # a resumed run reports how good its model already is
+        heartbeat.quality(dice=history[-1]['val_dice'], best_dice=best['val_dice'], best_epoch=int(best['epoch']))
     # DistributedDataParallel averages gradients over the ranks in backward(); the checkpoint
     # keeps the bare model's weights, so 1-node and N-node runs resume from each other.
     network: torch.nn.Module = model
@@ -425,8 +443,13 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
             log.info('epoch %d/%d done: train loss %.4f, validation Dice %.4f, %.1fs', epoch, config.epochs,
                      row['train_loss'], val_dice, seconds)
             save(epoch, 0)
+            best = _best(history)
+            assert best is not None
             if cluster.main:
                 _write_outputs(config, history)
+                if best is row:   # the best model so far, kept beside the last (best.pt)
+                    _save_best(config, model, row)
+            heartbeat.quality(dice=val_dice, best_dice=best['val_dice'], best_epoch=int(best['epoch']))
             heartbeat.beat(epoch=epoch, epochs=config.epochs, step=steps_per_epoch, steps=steps_per_epoch,
                            loss=row['train_loss'], samples_per_second=row['samples_per_second'], force=True)
             watchdog.step()  # validation and checkpointing are not a stall

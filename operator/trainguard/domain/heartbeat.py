@@ -41,6 +41,9 @@ class Heartbeat:
     done: int | None = None         # items or batches done in this phase (PreparingData, Validating)
     total: int | None = None
     detail: str | None = None       # what the phase is at, e.g. "caching", "waiting for rank 1"
+    dice: float | None = None       # the last validation's mean Dice (0..1); absent before the first
+    best_dice: float | None = None  # the best validation's mean Dice so far, and its epoch
+    best_epoch: int | None = None
 
     @property
     def percent(self) -> int:
@@ -77,6 +80,10 @@ class Heartbeat:
             status['samplesPerSecond'] = round(self.samples_per_second, 3)
         if self.world_size is not None:
             status['worldSize'] = self.world_size
+        if self.dice is not None:   # how good the model is; kept from beat to beat until the next validation
+            status['dice'] = round(self.dice, 4)
+        if self.best_dice is not None:
+            status.update(bestDice=round(self.best_dice, 4), bestEpoch=self.best_epoch)
         status.update({key: self._phase_field(key) for key in _PHASE_FIELDS})
         return status
 
@@ -89,8 +96,9 @@ class Heartbeat:
         """Whether status.progress already mirrors this heartbeat (so no write is needed)."""
         position = (('epoch', self.epoch), ('step', self.step), ('steps', self.steps)) \
             if self.training_position else ()
+        quality = (('dice', round(self.dice, 4)),) if self.dice is not None else ()
         return all(progress.get(key) == value for key, value in (
-            *position, ('epochs', self.epochs), ('time', self.time),
+            *position, ('epochs', self.epochs), ('time', self.time), *quality,
             *((key, self._phase_field(key)) for key in _PHASE_FIELDS)))
 
     def describe(self) -> str:
@@ -128,6 +136,14 @@ def _number(payload: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
+def _fraction(payload: dict[str, Any], key: str) -> float | None:
+    """A score between 0 and 1 (a Dice), or None when the beat has none."""
+    value = _number(payload, key)
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f'"{key}" must be between 0 and 1, got {value!r}')
+    return value
+
+
 def _detail(payload: dict[str, Any]) -> str | None:
     value = payload.get('detail')
     if value is None:
@@ -163,6 +179,9 @@ def parse_heartbeat(text: str | None) -> Heartbeat | str | None:
             done=_count(payload, 'done', 0) if payload.get('done') is not None else None,
             total=_count(payload, 'total', 0) if payload.get('total') is not None else None,
             detail=_detail(payload),
+            dice=_fraction(payload, 'dice'),
+            best_dice=_fraction(payload, 'bestDice'),
+            best_epoch=_count(payload, 'bestEpoch', 1) if payload.get('bestDice') is not None else None,
         )
     except ValueError as error:
         return f'the {PROGRESS_ANNOTATION} annotation is malformed: {error}'
