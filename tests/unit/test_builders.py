@@ -10,7 +10,7 @@ import yaml
 
 from trainguard.domain import builders
 from trainguard.domain.policy import CpuLimits, apply_cpu_safety
-from trainguard.domain.spec import parse_spec
+from trainguard.domain.spec import parse_hyperparameters, parse_spec
 
 GOLDEN = pathlib.Path(__file__).parent / 'golden'
 RUN = builders.RunRef(name='unet-cpu', namespace='ml', uid='0f6c1c1e-0000-4000-8000-000000000001')
@@ -92,6 +92,11 @@ CASES = {
     'serviceaccount': lambda: builders.build_service_account(RUN),
     'role': lambda: builders.build_role(RUN),
     'rolebinding': lambda: builders.build_role_binding(RUN),
+    'pod-3d-decathlon': lambda: builders.build_pod(RUN, parse_spec({
+        'model': {'spatialDims': 3, 'numClasses': 3},
+        'dataset': {'source': 'directory', 'format': 'decathlon', 'claimName': 'msd-task09', 'path': '/data'},
+        'hyperparameters': {'batchSize': 2, 'numWorkers': 0, 'resolution': 96, 'cropSize': 64}}),
+        parse_hyperparameters({'batchSize': 2, 'numWorkers': 0, 'resolution': 96, 'cropSize': 64}), 1, SETTINGS),
     'pod-template': template_pod,
     'pod-2node-template-rank0': lambda: template_pod(0),
     'pod-2node-template-rank1': lambda: template_pod(1),

@@ -94,7 +94,7 @@ def test_reconcile_says_which_attempt_it_starts_and_which_failure_it_retries():
 
 def test_every_counter_a_rule_reads_exists_at_zero_in_a_namespace_before_its_first_event():
     counts = initial_counts('ml')
-    assert len(counts) == len(set(counts)) == series_per_namespace() == 46
+    assert len(counts) == len(set(counts)) == series_per_namespace() == 48
     by_metric = {metric: {dict(count.labels).get('reason') for count in counts if count.metric == metric}
                  for metric in ('attempts', 'retries', 'stalls', 'disruptions')}
     assert by_metric['attempts'] == {'PodCreated', 'Retrying', 'Resumed', 'Disrupted'}

@@ -109,14 +109,18 @@ def pod(phase='Pending', state=None, **status):
     (pod('Succeeded'), PodState('Succeeded', 'Completed', 'training finished')),
     (pod('Failed', {'terminated': {'reason': 'OOMKilled', 'exitCode': 137}}),
      PodState('Failed', 'OOMKilled', 'the trainer ran out of memory and was killed (limit 2Gi)')),
-    (pod('Failed', {'terminated': {'reason': 'Error', 'exitCode': 3}}),
-     PodState('Failed', 'PodFailed', 'the trainer exited with code 3')),
+    (pod('Failed', {'terminated': {'reason': 'Error', 'exitCode': 1}}),
+     PodState('Failed', 'PodFailed', 'the trainer exited with code 1')),
+    (pod('Failed', {'terminated': {'reason': 'Error', 'exitCode': 3, 'message': 'loading\ndataset: training[2]: '
+                                                                                  'label labelsTr/c.nii.gz does not '
+                                                                                  'exist'}}),
+     PodState('Failed', 'InvalidDataset', 'dataset: training[2]: label labelsTr/c.nii.gz does not exist')),
     (pod('Failed', reason='Evicted', message='low on memory'),
      PodState('Failed', 'Evicted', 'low on memory', disruption='Evicted')),
     (pod('Failed', {'terminated': {'reason': 'Error', 'exitCode': 6}}),
      PodState('Failed', 'Stopped', 'the trainer was stopped (SIGTERM) and saved a checkpoint (exit code 6)')),
 ], ids=['pending', 'image-pull-backoff', 'err-image-pull', 'unschedulable', 'running', 'succeeded', 'oom',
-        'exit-code', 'evicted', 'stopped-without-a-disruption'])
+        'exit-code', 'invalid-dataset', 'evicted', 'stopped-without-a-disruption'])
 def test_pod_phase_mapping(body, expected):
     assert observe_pod(body) == expected
 

@@ -113,3 +113,24 @@ def test_plan_admission_on_create_and_update(hyperparameters, annotations, old_a
     rewrite = plan_admission(spec, hyperparameters, annotations, old_annotations, LIMITS)
     assert rewrite.spec_patch == patch
     assert rewrite.effective.to_api() == SAFE
+
+
+@pytest.mark.parametrize(('written', 'effective'), [
+    ({'batchSize': 8, 'numWorkers': 4, 'resolution': 128, 'cropSize': 96},
+     {'batchSize': 2, 'numWorkers': 0, 'resolution': 96, 'cropSize': 64}),       # GPU-sized patches on CPU
+    ({'batchSize': 2, 'numWorkers': 0, 'resolution': 64, 'cropSize': 48},
+     {'batchSize': 2, 'numWorkers': 0, 'resolution': 64, 'cropSize': 48}),       # already CPU-sized
+    ({'batchSize': 1, 'numWorkers': 0, 'resolution': 96, 'cropSize': 80},
+     {'batchSize': 1, 'numWorkers': 0, 'resolution': 96, 'cropSize': 64}),       # the patch alone
+], ids=['gpu-sized', 'cpu-sized', 'patch-only'])
+def test_3d_runs_on_cpu_get_limits_of_their_own(written, effective):
+    spec = parse_spec({'device': 'cpu', 'model': {'spatialDims': 3}, 'hyperparameters': written})
+    rewrite = plan_rewrite(spec, written, {}, CpuLimits())
+    assert {key: rewrite.effective.to_api()[key] for key in effective} == effective
+    assert [adjustment.field for adjustment in rewrite.adjustments] == [
+        field for field in ('numWorkers', 'batchSize', 'resolution', 'cropSize') if written[field] != effective[field]]
+    # Idempotent: the rewritten run needs no second rewrite; a 2D run with the same values keeps its own limits.
+    again = parse_spec({'device': 'cpu', 'model': {'spatialDims': 3}, 'hyperparameters': rewrite.effective.to_api()})
+    assert not plan_rewrite(again, rewrite.effective.to_api(), {}, CpuLimits()).adjustments
+    flat = plan_rewrite(parse_spec({'device': 'cpu', 'hyperparameters': written}), written, {}, CpuLimits())
+    assert flat.effective.batch_size == min(written['batchSize'], 4)

@@ -77,6 +77,11 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ('--strides', _int_list, '2,2,2,2', 'UNet strides, one fewer than channels'),
     ('--num-res-units', _bounded_int(0, 8), 2, 'residual units per block'),
     ('--dataset', None, 'synthetic', 'synthetic or directory'),
+    ('--dataset-format', None, 'folders',
+     'directory datasets: folders (images/ and labels/) or decathlon (dataset.json, the MSD layout)'),
+    ('--spatial-dims', _bounded_int(2, 3), 2, '2: images, 3: volumes'),
+    ('--num-classes', _bounded_int(0, 32), 0,
+     'labelled structures besides background; 0: as many as dataset.json names, else 1'),
     ('--data-path', None, 'auto', 'auto (cache on CUDA, stream on CPU), cache or stream'),
     ('--num-samples', _bounded_int(2, 100000), 64, 'synthetic pairs'),
     ('--data-dir', pathlib.Path, '/data', 'folder with images/ and labels/ (directory dataset)'),
@@ -108,6 +113,7 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
      'a mid-epoch checkpoint at most this often, bounding what a SIGKILL costs (0: at epoch ends only)'),
 ]
 CHOICES = {'--device': ('auto', 'cpu', 'gpu', 'cuda'), '--dataset': ('synthetic', 'directory'),
+           '--dataset-format': ('folders', 'decathlon'),
            '--data-path': ('auto', 'cache', 'stream'), '--simulate-worker-fault': ('block', 'stop', 'kill')}
 
 
@@ -139,6 +145,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
         device=args.device, batch_size=args.batch_size, num_workers=args.num_workers, epochs=args.epochs,
         learning_rate=args.learning_rate, resolution=args.resolution, crop_size=args.crop_size,
         channels=args.channels, strides=args.strides, num_res_units=args.num_res_units, dataset=args.dataset,
+        dataset_format=args.dataset_format, spatial_dims=args.spatial_dims, num_classes=args.num_classes,
         num_samples=args.num_samples, data_dir=args.data_dir, output_dir=args.output_dir, seed=args.seed,
         heartbeat_seconds=args.heartbeat_seconds, log_every_steps=args.log_every_steps,
         system_log_seconds=args.system_log_seconds, data_path=args.data_path, run_name=args.run_name,

@@ -19,6 +19,9 @@ class TrainerConfig:
     strides: tuple[int, ...] = (2, 2, 2, 2)
     num_res_units: int = 2
     dataset: str = 'synthetic'           # synthetic | directory
+    dataset_format: str = 'folders'      # directory datasets: folders (images/ + labels/) | decathlon (dataset.json)
+    spatial_dims: int = 2                # 2: images; 3: volumes (synthetic volumes are resolution^3)
+    num_classes: int = 0                 # labelled structures besides background; 0: the dataset's (else 1)
     num_samples: int = 64
     data_dir: pathlib.Path = pathlib.Path('/data')
     output_dir: pathlib.Path = pathlib.Path('/output')

@@ -1,19 +1,23 @@
-"""Datasets: MONAI's synthetic generator (no download) or images/ + labels/ pairs from a folder."""
+"""Datasets: MONAI's synthetic generator (no download, 2D or 3D), images/ + labels/ pairs from a
+folder, or a dataset in the Medical Segmentation Decathlon layout (``dataset.json``)."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from monai.data import create_test_image_2d
+from monai.data import create_test_image_2d, create_test_image_3d
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
     Lambdad,
     LoadImaged,
+    Orientationd,
+    RandCropByPosNegLabeld,
     RandSpatialCropd,
     Resized,
     ScaleIntensityd,
@@ -48,6 +52,22 @@ def synthetic_items(num_samples: int, resolution: int, seed: int,
     return items
 
 
+def synthetic_volumes(num_samples: int, size: int, num_classes: int, seed: int,
+                      progress: Progress = no_progress) -> list[dict[str, Any]]:
+    """Seeded spheres-in-noise volumes (size^3) from MONAI, labelled 0 (background) to
+    ``num_classes``: several structures, like an organ atlas."""
+    random = np.random.RandomState(seed)
+    rad_max = max(2, size // 6)
+    rad_min = max(1, rad_max // 2)
+    items = []
+    for _ in range(num_samples):
+        image, label = create_test_image_3d(size, size, size, num_objs=6, rad_max=rad_max, rad_min=rad_min,
+                                            noise_max=0.5, num_seg_classes=num_classes, random_state=random)
+        items.append({'image': image.astype(np.float32), 'label': label.astype(np.float32)})
+        progress(len(items), num_samples)
+    return items
+
+
 def _stem(path: pathlib.Path) -> str:
     name = path.name
     for suffix in IMAGE_SUFFIXES:
@@ -77,33 +97,158 @@ def directory_items(root: pathlib.Path) -> list[dict[str, Any]]:
 
 
 KEYS = ('image', 'label')
+DATASET_JSON = 'dataset.json'
 
 
-def deterministic_steps(resolution: int, from_files: bool) -> list[Any]:
-    """Load, channel-first, intensity to [0, 1], resize, binary label: the part a cache can keep."""
+def _read_header(path: pathlib.Path) -> Any:
+    import nibabel  # only for NIfTI datasets
+
+    return nibabel.load(str(path))
+
+
+def _shape(path: pathlib.Path) -> tuple[int, ...]:
+    if path.name.endswith(('.nii', '.nii.gz')):
+        return tuple(int(n) for n in _read_header(path).shape)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return (image.height, image.width)
+
+
+def _label_values(path: pathlib.Path) -> set[int]:
+    if path.name.endswith(('.nii', '.nii.gz')):
+        values = np.asanyarray(_read_header(path).dataobj)
+    else:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            values = np.asarray(image)
+    return {int(value) for value in np.unique(values)}
+
+
+def write_decathlon_dataset(root: pathlib.Path, num_volumes: int, size: int, num_classes: int,
+                            seed: int = 0) -> pathlib.Path:
+    """A synthetic dataset in the Decathlon layout (imagesTr/, labelsTr/ of NIfTI volumes with
+    1.5 mm voxels, dataset.json): for the demo, the tests and trying a run before real data."""
+    import nibabel
+
+    (root / 'imagesTr').mkdir(parents=True, exist_ok=True)
+    (root / 'labelsTr').mkdir(parents=True, exist_ok=True)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    training = []
+    for index, item in enumerate(synthetic_volumes(num_volumes, size, num_classes, seed)):
+        name = f'case_{index:03d}.nii.gz'
+        nibabel.save(nibabel.Nifti1Image(item['image'], affine), str(root / 'imagesTr' / name))
+        nibabel.save(nibabel.Nifti1Image(item['label'].astype(np.uint8), affine), str(root / 'labelsTr' / name))
+        training.append({'image': f'./imagesTr/{name}', 'label': f'./labelsTr/{name}'})
+    (root / DATASET_JSON).write_text(json.dumps({
+        'name': 'SyntheticSpheres', 'tensorImageSize': '3D', 'modality': {'0': 'synthetic'},
+        'labels': {'0': 'background', **{str(value): f'structure-{value}' for value in range(1, num_classes + 1)}},
+        'numTraining': num_volumes, 'training': training, 'test': []}, indent=2))
+    return root
+
+
+def decathlon_labels(root: pathlib.Path) -> dict[int, str]:
+    """The ``labels`` of ``root/dataset.json``: value -> structure name, background "0" included."""
+    manifest = root / DATASET_JSON
+    if not manifest.is_file():
+        raise DatasetError(f'{manifest} does not exist: a decathlon dataset has dataset.json at its root')
+    try:
+        described = json.loads(manifest.read_text())
+    except (OSError, ValueError) as error:
+        raise DatasetError(f'{manifest} is not JSON: {error}') from error
+    if not isinstance(described, dict):
+        raise DatasetError(f'{manifest} must hold a JSON object')
+    try:
+        labels = {int(key): str(name) for key, name in (described.get('labels') or {}).items()}
+    except (AttributeError, TypeError, ValueError) as error:
+        raise DatasetError(f'{manifest}: "labels" must map label values ("0", "1", ...) to names') from error
+    if not labels or 0 not in labels or len(labels) < 2:
+        raise DatasetError(f'{manifest}: "labels" must name the background "0" and at least one structure')
+    return labels
+
+
+def decathlon_items(root: pathlib.Path, progress: Progress = no_progress) -> tuple[list[dict[str, Any]],
+                                                                                  dict[int, str]]:
+    """The ``training`` pairs of ``root/dataset.json`` (the Medical Segmentation Decathlon layout
+    that MSD, nnU-Net and MONAI's tutorials use) and its ``labels``, every pair checked before
+    any training: the files exist, image and label have the same shape, and every label value is
+    one ``labels`` names. The first bad entry is named (DatasetError); nothing is written.
+    Reading a label volume's values is the slow part: ``progress`` is told per pair."""
+    labels = decathlon_labels(root)
+    manifest = root / DATASET_JSON
+    pairs = json.loads(manifest.read_text()).get('training')
+    if not isinstance(pairs, list) or not pairs:
+        raise DatasetError(f'{manifest}: "training" must list image and label pairs')
+    items = []
+    for index, pair in enumerate(pairs):
+        where = f'{DATASET_JSON} training[{index}]'
+        if not isinstance(pair, dict) or not isinstance(pair.get('image'), str) or not isinstance(pair.get('label'),
+                                                                                                  str):
+            raise DatasetError(f'{where}: must be an object with "image" and "label" paths')
+        paths = {key: (root / pair[key]).resolve() for key in KEYS}
+        for key, path in paths.items():
+            if not path.is_file():
+                raise DatasetError(f'{where}: {key} {pair[key]} does not exist')
+            if not path.name.endswith(IMAGE_SUFFIXES):
+                raise DatasetError(f'{where}: {key} {pair[key]} is not a NIfTI or PNG file')
+        image_shape, label_shape = _shape(paths['image']), _shape(paths['label'])
+        if image_shape[:3] != label_shape[:3]:
+            raise DatasetError(f'{where}: image {pair["image"]} is {"x".join(map(str, image_shape))} but label '
+                               f'{pair["label"]} is {"x".join(map(str, label_shape))}')
+        unknown = sorted(_label_values(paths['label']) - set(labels))
+        if unknown:
+            raise DatasetError(f'{where}: label {pair["label"]} has value {unknown[0]}, which "labels" does not '
+                               f'name ({", ".join(f"{key}: {name}" for key, name in sorted(labels.items()))})')
+        items.append({key: str(path) for key, path in paths.items()})
+        progress(len(items), len(pairs))
+    return items, labels
+
+
+def _binary(label: Any) -> Any:
+    return (label > 0).float() if hasattr(label, 'float') else label > 0
+
+
+def deterministic_steps(resolution: int, from_files: bool, spatial_dims: int = 2, num_classes: int = 1) -> list[Any]:
+    """Load, channel-first, intensity to [0, 1], and (2D) resize: the part a cache can keep.
+
+    2D images are resized to ``resolution``; 3D volumes keep their voxels (a resize would
+    distort anatomy) and, from files, are turned to one orientation (RAS). A label of one
+    structure becomes 0/1; several keep their values 0..num_classes."""
     steps: list[Any] = [LoadImaged(keys=KEYS, image_only=True)] if from_files else []
-    return [
-        *steps,
-        EnsureChannelFirstd(keys=KEYS, channel_dim='no_channel'),
-        ScaleIntensityd(keys='image'),
-        Resized(keys=KEYS, spatial_size=(resolution, resolution), mode=('bilinear', 'nearest')),
-        Lambdad(keys='label', func=lambda label: (label > 0).float() if hasattr(label, 'float') else label > 0),
-    ]
+    steps.append(EnsureChannelFirstd(keys=KEYS, channel_dim='no_channel'))
+    if spatial_dims == 3 and from_files:
+        steps.append(Orientationd(keys=KEYS, axcodes='RAS', labels=(('L', 'R'), ('P', 'A'), ('I', 'S'))))
+    steps.append(ScaleIntensityd(keys='image'))
+    if spatial_dims == 2:
+        steps.append(Resized(keys=KEYS, spatial_size=(resolution, resolution), mode=('bilinear', 'nearest')))
+    if num_classes == 1:
+        steps.append(Lambdad(keys='label', func=_binary))
+    return steps
 
 
-def random_steps(resolution: int, crop_size: int, train: bool) -> list[Any]:
-    """The random crop (training only): applied after the cache, so each epoch sees new crops."""
-    if train and crop_size < resolution:
+def random_steps(resolution: int, crop_size: int, train: bool, spatial_dims: int = 2) -> list[Any]:
+    """The random crop (training only): applied after the cache, so each epoch sees new crops. In
+    3D a patch of crop_size^3 centred on foreground or background alike (RandCropByPosNegLabeld,
+    as MONAI's 3D tutorials do): small structures are seen as often as the rest."""
+    if not train:
+        return []
+    if spatial_dims == 3:
+        return [RandCropByPosNegLabeld(keys=KEYS, label_key='label', spatial_size=(crop_size,) * 3, pos=1, neg=1,
+                                       num_samples=1, image_key='image', allow_smaller=True)]
+    if crop_size < resolution:
         return [RandSpatialCropd(keys=KEYS, roi_size=(crop_size, crop_size), random_size=False)]
     return []
 
 
 def transforms(resolution: int, crop_size: int, from_files: bool, train: bool,
-               block_worker_after: int | None = None, worker_fault: str = 'block') -> Compose:
+               block_worker_after: int | None = None, worker_fault: str = 'block', spatial_dims: int = 2,
+               num_classes: int = 1) -> Compose:
     """The streaming pipeline: every step for every sample, every epoch."""
     extra = ([Lambdad(keys='image', func=_WorkerFault(block_worker_after, worker_fault))]
              if block_worker_after else [])
-    return Compose([*deterministic_steps(resolution, from_files), *random_steps(resolution, crop_size, train),
+    return Compose([*deterministic_steps(resolution, from_files, spatial_dims, num_classes),
+                    *random_steps(resolution, crop_size, train, spatial_dims),
                     *extra, EnsureTyped(keys=KEYS, track_meta=False)])
 
 
@@ -137,17 +282,19 @@ class _WorkerFault:
         return image
 
 
-def cached_transforms(resolution: int, crop_size: int, from_files: bool, train: bool, device: str) -> Compose:
+def cached_transforms(resolution: int, crop_size: int, from_files: bool, train: bool, device: str,
+                      spatial_dims: int = 2, num_classes: int = 1) -> Compose:
     """For CacheDataset: it caches up to the first random step, so the deterministic part runs
     once and its result is kept on ``device`` (the GPU when it fits); the crop runs each fetch."""
-    return Compose([*deterministic_steps(resolution, from_files),
+    return Compose([*deterministic_steps(resolution, from_files, spatial_dims, num_classes),
                     EnsureTyped(keys=KEYS, track_meta=False, device=device),
-                    *random_steps(resolution, crop_size, train)])
+                    *random_steps(resolution, crop_size, train, spatial_dims)])
 
 
-def dataset_bytes(num_samples: int, resolution: int) -> int:
-    """float32 image and label per sample at the training resolution: what a cache holds."""
-    return num_samples * resolution * resolution * 4 * 2
+def dataset_bytes(num_samples: int, resolution: int, spatial_dims: int = 2) -> int:
+    """float32 image and label per sample at the training resolution (a volume: resolution^3):
+    what a cache holds."""
+    return num_samples * resolution ** spatial_dims * 4 * 2
 
 
 def split(items: list[dict[str, Any]], validation_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

@@ -17,9 +17,11 @@ import psutil
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler, ThreadDataLoader
 from monai.data.utils import set_rnd
-from monai.losses import DiceLoss
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
+from monai.networks.utils import one_hot
 
 from trainguard_trainer import data, distributed, guards
 from trainguard_trainer.config import TrainerConfig
@@ -51,9 +53,20 @@ class Result:
     world_size: int = 1
 
 
-def build_model(config: TrainerConfig) -> UNet:
-    return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=config.channels,
+def build_model(config: TrainerConfig, num_classes: int = 1) -> UNet:
+    """One output channel (sigmoid) for one structure; background plus one per structure
+    (softmax) for several."""
+    return UNet(spatial_dims=config.spatial_dims, in_channels=1,
+                out_channels=1 if num_classes == 1 else num_classes + 1, channels=config.channels,
                 strides=config.strides, num_res_units=config.num_res_units)
+
+
+def build_loss(num_classes: int) -> torch.nn.Module:
+    """Dice on a sigmoid for one structure; Dice plus cross-entropy on a softmax over one-hot
+    labels for several (MONAI's multi-organ recipe)."""
+    if num_classes == 1:
+        return DiceLoss(sigmoid=True)
+    return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
 def _samplers(cluster: distributed.Cluster, train_set: Any, val_set: Any,
@@ -112,19 +125,52 @@ class _Preparation:
             threading.Event().wait()
 
 
+def structures(config: TrainerConfig) -> int:
+    """How many structures (besides background) the model segments: the run's, else as many as
+    a decathlon dataset's labels name (read before the model is built; checked in full later),
+    else 1."""
+    if config.num_classes:
+        return config.num_classes
+    if config.dataset == 'directory' and config.dataset_format == 'decathlon':
+        return len(data.decathlon_labels(config.data_dir)) - 1
+    return 1
+
+
+def _items(config: TrainerConfig, preparation: _Preparation) -> tuple[list[dict[str, Any]], bool, int]:
+    """(items, whether they are files, structures besides background)."""
+    if config.dataset == 'directory' and config.dataset_format == 'decathlon':
+        preparation.begin('checking', 0)
+        items, labels = data.decathlon_items(config.data_dir, lambda done, total: preparation.item())
+        found = len(labels) - 1
+        if config.num_classes and config.num_classes != found:
+            raise data.DatasetError(f'{data.DATASET_JSON} names {found} structures besides background, the run '
+                                    f'asks for {config.num_classes} (spec.model.numClasses)')
+        log.info('dataset: %d pairs in the decathlon layout, labels %s', len(items),
+                 ', '.join(f'{key}: {name}' for key, name in sorted(labels.items())))
+        return items, True, found
+    num_classes = config.num_classes or 1
+    if config.dataset == 'directory':
+        return data.directory_items(config.data_dir), True, num_classes
+    preparation.begin('generating', config.num_samples)
+    progress = lambda done, total: preparation.item()  # noqa: E731
+    if config.spatial_dims == 3:
+        return data.synthetic_volumes(config.num_samples, config.resolution, num_classes, config.seed,
+                                      progress), False, num_classes
+    if num_classes != 1:
+        raise data.DatasetError('synthetic 2D images have one structure: numClasses must be 1 (or 0)')
+    return data.synthetic_items(config.num_samples, config.resolution, config.seed, progress), False, 1
+
+
 def _loaders(config: TrainerConfig, num_workers: int, device: str,
              cluster: distributed.Cluster = distributed.SINGLE,
              preparation: _Preparation | None = None) -> tuple[DataLoader, DataLoader]:
     preparation = preparation or _Preparation(lambda stage, done, total: None)
-    if config.dataset == 'directory':
-        items, from_files = data.directory_items(config.data_dir), True
-    else:
-        preparation.begin('generating', config.num_samples)
-        items, from_files = data.synthetic_items(config.num_samples, config.resolution, config.seed,
-                                                 lambda done, total: preparation.item()), False
+    items, from_files, num_classes = _items(config, preparation)
+    dims = config.spatial_dims
     train_items, val_items = data.split(items, config.validation_fraction, config.seed)
     gpu_free = torch.cuda.mem_get_info()[0] if device == 'cuda' else None
-    path, note = guards.choose_data_path(device, config.data_path, data.dataset_bytes(len(items), config.resolution),
+    path, note = guards.choose_data_path(device, config.data_path,
+                                         data.dataset_bytes(len(items), config.resolution, dims),
                                          gpu_free, psutil.virtual_memory().available)
     log.info(note)
     generator = torch.Generator().manual_seed(config.seed)
@@ -132,27 +178,35 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str,
     if path == 'stream':
         train_set = Dataset(train_items, data.transforms(config.resolution, config.crop_size, from_files, train=True,
                                                          block_worker_after=config.simulate_worker_block_after_items,
-                                                         worker_fault=config.simulate_worker_fault))
-        val_set = Dataset(val_items, data.transforms(config.resolution, config.crop_size, from_files, train=False))
+                                                         worker_fault=config.simulate_worker_fault,
+                                                         spatial_dims=dims, num_classes=num_classes))
+        val_set = Dataset(val_items, data.transforms(config.resolution, config.crop_size, from_files, train=False,
+                                                     spatial_dims=dims, num_classes=num_classes))
         pin = device == 'cuda'  # page-locked batches let the host-to-GPU copy overlap the step
         train_sampler, val_sampler = _samplers(cluster, train_set, val_set, config.seed)
         return (DataLoader(train_set, batch_size=config.batch_size, shuffle=train_sampler is None,
                            sampler=train_sampler, num_workers=num_workers, generator=generator, drop_last=drop_last,
                            pin_memory=pin),
-                DataLoader(val_set, batch_size=config.batch_size, sampler=val_sampler, num_workers=0, pin_memory=pin))
+                DataLoader(val_set, batch_size=_val_batch(config), sampler=val_sampler, num_workers=0, pin_memory=pin))
     cache_device = 'cuda' if path == 'gpu-cache' else 'cpu'
     preparation.begin('caching', len(train_items) + len(val_items))
     train_set = _CacheWithProgress(train_items, data.cached_transforms(config.resolution, config.crop_size,
-                                                                       from_files, True, cache_device),
+                                                                       from_files, True, cache_device, dims,
+                                                                       num_classes),
                                    on_item=preparation.item, progress=False)
     val_set = _CacheWithProgress(val_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
-                                                                   False, cache_device),
+                                                                   False, cache_device, dims, num_classes),
                                  on_item=preparation.item, progress=False)
     train_sampler, val_sampler = _samplers(cluster, train_set, val_set, config.seed)
     # Cached tensors (on the GPU) are batched in this process: worker processes would copy them.
     return (ThreadDataLoader(train_set, batch_size=config.batch_size, shuffle=train_sampler is None,
                              sampler=train_sampler, num_workers=0, generator=generator, drop_last=drop_last),
-            ThreadDataLoader(val_set, batch_size=config.batch_size, sampler=val_sampler, num_workers=0))
+            ThreadDataLoader(val_set, batch_size=_val_batch(config), sampler=val_sampler, num_workers=0))
+
+
+def _val_batch(config: TrainerConfig) -> int:
+    """Whole volumes are validated one at a time (their sizes differ); images in batches."""
+    return 1 if config.spatial_dims == 3 else config.batch_size
 
 
 def _seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
@@ -178,21 +232,40 @@ def _system_line(stop: threading.Event, seconds: float) -> None:
 
 def _evaluate(model: torch.nn.Module, loader: DataLoader, device: str,
               cluster: distributed.Cluster = distributed.SINGLE,
-              progress: data.Progress = data.no_progress) -> float:
-    """Mean Dice over the validation set; each rank scores its part and the sums are combined."""
-    metric = DiceMetric(include_background=True, reduction='sum', get_not_nans=True)
+              progress: data.Progress = data.no_progress, *, num_classes: int = 1,
+              window: tuple[int, ...] | None = None) -> tuple[float, list[float]]:
+    """Mean Dice over the validation set, and Dice per structure; each rank scores its part and
+    the sums are combined. ``window``: whole volumes are scored by sliding a patch of this size
+    over them (sliding_window_inference), as a 3D model never sees a whole volume at once.
+    Several structures: the argmax class per voxel, one-hot, background not scored."""
+    metric = DiceMetric(include_background=num_classes == 1, reduction='sum_batch', get_not_nans=True)
     model.eval()
     batches = 0
     with torch.no_grad():
         for batch in loader:
-            prediction = (torch.sigmoid(model(batch['image'].to(device))) > 0.5).float()
-            metric(y_pred=prediction, y=batch['label'].to(device))
+            image, label = batch['image'].to(device), batch['label'].to(device)
+            logits = (sliding_window_inference(image, window, sw_batch_size=1, predictor=model) if window
+                      else model(image))
+            if num_classes == 1:
+                prediction = (torch.sigmoid(logits) > 0.5).float()
+            else:
+                prediction = one_hot(torch.argmax(logits, dim=1, keepdim=True), num_classes + 1)
+                label = one_hot(label.long(), num_classes + 1)
+            metric(y_pred=prediction, y=label)
             batches += 1
             progress(batches, len(loader))
     model.train()
-    total, counted = (float(value.item()) for value in metric.aggregate()) if batches else (0.0, 0.0)
-    total, counted = distributed.all_sum(cluster, [total, counted], device)
-    return total / counted if counted else 0.0  # samples with no foreground anywhere (NaN) are not counted
+    if batches:
+        sums, counts = metric.aggregate()
+        values = [float(value) for value in sums.flatten()] + [float(value) for value in counts.flatten()]
+    else:
+        values = [0.0] * (2 * num_classes)
+    values = distributed.all_sum(cluster, values, device)
+    sums, counts = values[:num_classes], values[num_classes:]
+    # A structure absent from every validation item (NaN) is not scored.
+    per_class = [total / counted if counted else float('nan') for total, counted in zip(sums, counts, strict=True)]
+    scored = [value for value in per_class if value == value]
+    return (sum(scored) / len(scored) if scored else 0.0), per_class
 
 
 def _best(history: list[dict[str, float]]) -> dict[str, float] | None:
@@ -319,9 +392,10 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
     # the checkpoint come first, while set-up is held to the startup timeout; after the data is
     # prepared only the first step remains before the next beat.
     heartbeat.activity('Starting', epochs=config.epochs, detail='building the model')
-    model = build_model(config).to(decision.device)
+    num_classes = structures(config)
+    model = build_model(config, num_classes).to(decision.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    loss_function = DiceLoss(sigmoid=True)
+    loss_function = build_loss(num_classes)
 
     history: list[dict[str, float]] = []
     start_epoch, resume_step, carried = 1, 0, (0.0, 0.0)
@@ -392,6 +466,7 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
     steps_per_epoch = len(train_loader)
     total_steps = 0
     try:
+        window = (config.crop_size,) * 3 if config.spatial_dims == 3 else None
         for epoch in range(start_epoch, config.epochs + 1):
             skip = resume_step if epoch == start_epoch else 0
             before = carried if skip else (0.0, 0.0)
@@ -436,12 +511,16 @@ def _train(config: TrainerConfig, decision: guards.RuntimeDecision, cluster: dis
                                    steps=steps_per_epoch, done=done, total=total)
                 watchdog.step()   # a batch validated is progress too: no stall report for a long validation
 
-            val_dice = _evaluate(model, val_loader, decision.device, cluster, validating)
+            val_dice, per_class = _evaluate(model, val_loader, decision.device, cluster, validating,
+                                            num_classes=num_classes, window=window)
             row = {'epoch': epoch, 'train_loss': round(loss_sum / max(seen, 1), 6), 'val_dice': round(val_dice, 6),
                    'seconds': round(seconds, 3), 'samples_per_second': round(seen / max(seconds, 1e-9), 3)}
             history.append(row)
-            log.info('epoch %d/%d done: train loss %.4f, validation Dice %.4f, %.1fs', epoch, config.epochs,
-                     row['train_loss'], val_dice, seconds)
+            if num_classes > 1:   # Dice per structure, in the log and metrics.csv
+                row.update({f'val_dice_{index}': round(value, 6) for index, value in enumerate(per_class, 1)})
+            log.info('epoch %d/%d done: train loss %.4f, validation Dice %.4f%s, %.1fs', epoch, config.epochs,
+                     row['train_loss'], val_dice, '' if num_classes == 1 else ' (' + ', '.join(
+                         f'{index}: {value:.4f}' for index, value in enumerate(per_class, 1)) + ')', seconds)
             save(epoch, 0)
             best = _best(history)
             assert best is not None

@@ -250,6 +250,13 @@ def trainer_args(spec: RunSpec, hp: Hyperparameters, device: str) -> list[str]:
         args += ['--num-samples', str(spec.dataset.num_samples)]
     else:
         args += ['--data-dir', spec.dataset.path]
+        if spec.dataset.format != 'folders':
+            args += ['--dataset-format', spec.dataset.format]
+    # Only what differs from the trainer's defaults: a 2D run's arguments stay as they were.
+    if spec.model.spatial_dims != 2:
+        args += ['--spatial-dims', str(spec.model.spatial_dims)]
+    if spec.model.num_classes:
+        args += ['--num-classes', str(spec.model.num_classes)]
     return args
 
 

@@ -81,6 +81,9 @@ def config_from_env(env: Mapping[str, str]) -> Config:
         num_workers=_int(env, 'TRAINGUARD_CPU_NUM_WORKERS', 0, 0, 64),
         max_batch_size=_int(env, 'TRAINGUARD_CPU_MAX_BATCH_SIZE', 4, 1, 4096),
         max_resolution=_int(env, 'TRAINGUARD_CPU_MAX_RESOLUTION', 128, 16, 4096),
+        max_crop_3d=_int(env, 'TRAINGUARD_CPU_MAX_CROP_3D', 64, 16, 512),
+        max_batch_3d=_int(env, 'TRAINGUARD_CPU_MAX_BATCH_SIZE_3D', 2, 1, 4096),
+        max_resolution_3d=_int(env, 'TRAINGUARD_CPU_MAX_RESOLUTION_3D', 96, 16, 1024),
     )
     pod = PodSettings(
         image=env.get('TRAINGUARD_TRAINER_IMAGE', '').strip() or DEFAULT_TRAINER_IMAGE,

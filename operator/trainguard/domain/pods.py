@@ -6,6 +6,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+# The trainer's exit code when its dataset cannot be used (a missing file, a label image of another
+# shape, a label value dataset.json does not name): checked before training; the same data fails
+# the same way, so no retry (trainguard_trainer.cli).
+EXIT_DATASET = 3
 # The trainer's exit code when a run asks for a GPU and CUDA is not usable (trainguard_trainer.cli);
 # a retry on the same node and image cannot help, so the run fails at once.
 EXIT_GPU_UNAVAILABLE = 4
@@ -15,6 +19,7 @@ EXIT_GPU_OUT_OF_MEMORY = 5
 EXIT_STOPPED = 6
 
 _TRAINER_EXITS = {
+    EXIT_DATASET: ('InvalidDataset', f'the trainer could not use its dataset (exit code {EXIT_DATASET})'),
     EXIT_GPU_UNAVAILABLE: ('GPUUnavailable', f'the trainer found no usable GPU (exit code {EXIT_GPU_UNAVAILABLE})'),
     EXIT_GPU_OUT_OF_MEMORY: ('GPUOutOfMemory', f'CUDA ran out of memory (exit code {EXIT_GPU_OUT_OF_MEMORY})'),
     EXIT_STOPPED: ('Stopped', f'the trainer was stopped (SIGTERM) and saved a checkpoint (exit code {EXIT_STOPPED})'),

@@ -25,6 +25,12 @@ class CpuLimits:
     num_workers: int = 0
     max_batch_size: int = 4
     max_resolution: int = 128
+    # 3D (spec.model.spatialDims 3): a patch is crop^3 voxels and a batch of volumes is memory a
+    # CPU pod runs out of first. 64^3 is 262,144 voxels per patch (a 512^2 image's worth), two
+    # patches a step; synthetic volumes at most 96^3 (3.5 MB a volume, float32).
+    max_crop_3d: int = 64
+    max_batch_3d: int = 2
+    max_resolution_3d: int = 96
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,19 +85,23 @@ _REASONS = {
 }
 
 
-def apply_cpu_safety(hp: Hyperparameters, limits: CpuLimits) -> tuple[Hyperparameters, list[Adjustment]]:
+def apply_cpu_safety(hp: Hyperparameters, limits: CpuLimits,
+                     spatial_dims: int = 2) -> tuple[Hyperparameters, list[Adjustment]]:
     """Rewrite the settings that hang CPU training; values already inside the limits stay.
+    In 3D the batch, the volume and the patch (crop^3 voxels) have limits of their own.
 
     Idempotent: applied to its own result it changes nothing, which is what lets the
     webhook and the create handler both apply it.
     """
-    resolution = min(hp.resolution, limits.max_resolution)
+    volume = spatial_dims == 3
+    resolution = min(hp.resolution, limits.max_resolution_3d if volume else limits.max_resolution)
+    crop = min(hp.crop_size, resolution, limits.max_crop_3d if volume else resolution)
     effective = dataclasses.replace(
         hp,
         num_workers=min(hp.num_workers, limits.num_workers),
-        batch_size=min(hp.batch_size, limits.max_batch_size),
+        batch_size=min(hp.batch_size, limits.max_batch_3d if volume else limits.max_batch_size),
         resolution=resolution,
-        crop_size=min(hp.crop_size, resolution),
+        crop_size=crop,
     )
     return effective, adjustments_between(hp, effective)
 
@@ -126,7 +136,7 @@ def plan_rewrite(spec: RunSpec, raw_hyperparameters: Mapping[str, Any], annotati
     """
     if not policy_applies(spec):
         return Rewrite(spec.hyperparameters, spec.hyperparameters, [], None)
-    effective, _ = apply_cpu_safety(spec.hyperparameters, limits)
+    effective, _ = apply_cpu_safety(spec.hyperparameters, limits, spec.model.spatial_dims)
     recorded = annotations.get(ORIGINAL_ANNOTATION)
     original = _parse_recorded(recorded) if recorded else None
     adjustments = adjustments_between(original or spec.hyperparameters, effective)

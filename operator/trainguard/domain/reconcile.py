@@ -531,7 +531,7 @@ def _silent_since(verdict: Stalled, now: datetime.datetime) -> datetime.datetime
 
 
 # Failures a new attempt cannot fix: the same image on the same kind of node fails the same way.
-NOT_RETRIED = frozenset({'GPUUnavailable'})
+NOT_RETRIED = frozenset({'GPUUnavailable', 'InvalidDataset'})
 
 
 def _finish(target: dict[str, Any], status: Mapping[str, Any], phase: str, reason: str, message: str,

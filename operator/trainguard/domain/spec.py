@@ -24,8 +24,10 @@ _LABEL_VALUE = re.compile(r'(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?
 DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     'batchSize': 32, 'numWorkers': 2, 'epochs': 2, 'learningRate': 0.01, 'resolution': 256, 'cropSize': 256,
 }
-DEFAULT_MODEL: dict[str, Any] = {'channels': [16, 32, 64, 128, 256], 'strides': [2, 2, 2, 2], 'numResUnits': 2}
-DEFAULT_DATASET: dict[str, Any] = {'source': 'synthetic', 'numSamples': 64, 'claimName': '', 'path': '/data'}
+DEFAULT_MODEL: dict[str, Any] = {'channels': [16, 32, 64, 128, 256], 'strides': [2, 2, 2, 2], 'numResUnits': 2,
+                                 'spatialDims': 2, 'numClasses': 0}
+DEFAULT_DATASET: dict[str, Any] = {'source': 'synthetic', 'numSamples': 64, 'claimName': '', 'path': '/data',
+                                   'format': 'folders'}
 MAX_NODES = 64
 DEFAULT_TIMEOUTS: dict[str, int] = {'progressTimeoutSeconds': 300, 'startupTimeoutSeconds': 600, 'backoffLimit': 0,
                                    'numNodes': 1, 'maxDisruptions': 20, 'checkpointIntervalSeconds': 600,
@@ -53,6 +55,8 @@ class ModelSpec:
     channels: tuple[int, ...]
     strides: tuple[int, ...]
     num_res_units: int
+    spatial_dims: int = 2      # 2: images; 3: volumes
+    num_classes: int = 0       # structures besides background; 0: as many as dataset.json names, else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,7 @@ class DatasetSpec:
     num_samples: int
     claim_name: str
     path: str
+    format: str = 'folders'    # directory datasets: folders (images/ + labels/) | decathlon (dataset.json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +177,8 @@ def parse_spec(raw: Mapping[str, Any]) -> RunSpec:
         channels=_int_list(model_raw, 'channels', 'spec.model', DEFAULT_MODEL['channels'], 1, 4096),
         strides=_int_list(model_raw, 'strides', 'spec.model', DEFAULT_MODEL['strides'], 1, 4),
         num_res_units=_int(model_raw, 'numResUnits', 'spec.model', DEFAULT_MODEL['numResUnits'], 0, 8),
+        spatial_dims=_int(model_raw, 'spatialDims', 'spec.model', 2, 2, 3),
+        num_classes=_int(model_raw, 'numClasses', 'spec.model', 0, 0, 32),
     )
     if len(model.strides) != len(model.channels) - 1:
         raise SpecError('spec.model.strides', f'must have one entry fewer than channels ({len(model.channels)}),'
@@ -182,7 +189,11 @@ def parse_spec(raw: Mapping[str, Any]) -> RunSpec:
         num_samples=_int(dataset_raw, 'numSamples', 'spec.dataset', DEFAULT_DATASET['numSamples'], 2, 100000),
         claim_name=_str(dataset_raw, 'claimName', 'spec.dataset', ''),
         path=_str(dataset_raw, 'path', 'spec.dataset', '/data'),
+        format=_str(dataset_raw, 'format', 'spec.dataset', 'folders', ('folders', 'decathlon')),
     )
+    if model.num_classes > 1 and model.spatial_dims == 2 and dataset.source == 'synthetic':
+        raise SpecError('spec.model.numClasses', 'synthetic 2D images have one structure: numClasses must be 0 or 1 '
+                                                 '(3D synthetic volumes have as many as asked)')
     if dataset.source == 'directory' and not dataset.claim_name:
         raise SpecError('spec.dataset.claimName', 'is required when spec.dataset.source is directory')
     if not dataset.path.startswith('/'):

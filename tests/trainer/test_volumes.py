@@ -1,0 +1,107 @@
+"""3D volumes, several structures, the Decathlon layout: real training on CPU, tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import nibabel
+import numpy as np
+import pytest
+import torch
+
+from tests.trainer.conftest import RecordingSender, replace
+from trainguard_trainer.config import TrainerConfig
+from trainguard_trainer.data import DatasetError, decathlon_items, write_decathlon_dataset
+from trainguard_trainer.train import build_model, structures, train
+
+
+@pytest.fixture()
+def tiny3d(tmp_path) -> TrainerConfig:
+    """32^3 volumes, 16^3 patches, a two-level UNet: two epochs in a couple of seconds on CPU."""
+    return TrainerConfig(device='cpu', batch_size=2, num_workers=0, epochs=2, learning_rate=0.01, resolution=32,
+                         crop_size=16, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, num_samples=8,
+                         spatial_dims=3, num_classes=3, output_dir=tmp_path / 'out', heartbeat_seconds=10.0,
+                         log_every_steps=2)
+
+
+@pytest.fixture()
+def decathlon(tmp_path, tiny3d) -> TrainerConfig:
+    root = write_decathlon_dataset(tmp_path / 'Task99_Spheres', num_volumes=6, size=32, num_classes=3)
+    return replace(tiny3d, dataset='directory', dataset_format='decathlon', data_dir=root, num_classes=0)
+
+
+def test_synthetic_volumes_with_three_structures_train_and_score_each(tiny3d):
+    result = train(tiny3d, sender=RecordingSender())
+    last = result.history[-1]
+    assert {'val_dice_1', 'val_dice_2', 'val_dice_3'} <= set(last) and 0.0 <= last['val_dice'] <= 1.0
+    assert result.history[-1]['train_loss'] < result.history[0]['train_loss']
+    # Background plus three structures out of a 3D UNet.
+    assert build_model(tiny3d, 3)(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 4, 16, 16, 16)
+
+
+def test_a_decathlon_dataset_trains_with_its_labels_as_the_classes(decathlon):
+    assert structures(decathlon) == 3   # from dataset.json: background, structure-1, -2, -3
+    sender = RecordingSender()
+    result = train(decathlon, sender=sender)
+    assert len(result.history) == 2 and 'val_dice_3' in result.history[-1]
+    assert sender.payloads[-1]['bestDice'] == pytest.approx(max(row['val_dice'] for row in result.history),
+                                                             abs=1e-6)
+    assert (decathlon.output_dir / 'best.pt').exists()
+    preparing = [p for p in sender.payloads if p['phase'] == 'PreparingData']
+    assert preparing and preparing[0]['detail'] == 'checking'   # every pair checked, beating as it goes
+
+
+def _break_missing(root):
+    os.remove(root / 'labelsTr' / 'case_002.nii.gz')
+    return 'dataset.json training[2]: label ./labelsTr/case_002.nii.gz does not exist'
+
+
+def _break_shape(root):
+    nibabel.save(nibabel.Nifti1Image(np.zeros((16, 32, 32), np.uint8), np.eye(4)), str(root / 'labelsTr' /
+                                                                                        'case_001.nii.gz'))
+    return 'dataset.json training[1]: image ./imagesTr/case_001.nii.gz is 32x32x32 but label ' \
+           './labelsTr/case_001.nii.gz is 16x32x32'
+
+
+def _break_value(root):
+    label = np.zeros((32, 32, 32), np.uint8)
+    label[3, 3, 3] = 7
+    nibabel.save(nibabel.Nifti1Image(label, np.eye(4)), str(root / 'labelsTr' / 'case_004.nii.gz'))
+    return 'dataset.json training[4]: label ./labelsTr/case_004.nii.gz has value 7, which "labels" does not name'
+
+
+def _break_json(root):
+    (root / 'dataset.json').write_text('{"labels": {"0": "background", "1": "spleen"}}')
+    return '"training" must list image and label pairs'
+
+
+def _break_labels(root):
+    described = json.loads((root / 'dataset.json').read_text())
+    described['labels'] = {'1': 'spleen'}
+    (root / 'dataset.json').write_text(json.dumps(described))
+    return '"labels" must name the background "0" and at least one structure'
+
+
+@pytest.mark.parametrize('break_it', [_break_missing, _break_shape, _break_value, _break_json, _break_labels],
+                         ids=['missing-label', 'shape-mismatch', 'unknown-label-value', 'no-training', 'no-background'])
+def test_a_bad_entry_is_named_before_any_training(decathlon, break_it):
+    expected = break_it(decathlon.data_dir)
+    started = time.monotonic()
+    with pytest.raises(DatasetError) as refused:
+        train(decathlon, sender=RecordingSender())
+    assert expected in str(refused.value), refused.value
+    assert time.monotonic() - started < 10
+    assert not (decathlon.output_dir / 'checkpoint.pt').exists()   # nothing trained, nothing written
+
+
+def test_the_run_and_the_dataset_must_agree_on_the_classes(decathlon):
+    with pytest.raises(DatasetError, match='names 3 structures besides background, the run asks for 2'):
+        train(replace(decathlon, num_classes=2), sender=RecordingSender())
+
+
+def test_pairs_resolve_relative_to_dataset_json(decathlon):
+    items, labels = decathlon_items(decathlon.data_dir)
+    assert len(items) == 6 and labels == {0: 'background', 1: 'structure-1', 2: 'structure-2', 3: 'structure-3'}
+    assert all(item['image'].startswith(str(decathlon.data_dir)) for item in items)
