@@ -24,7 +24,7 @@ import kmock
 import psutil
 import torch
 from monai.data import DataLoader, Dataset
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss, DiceLoss
 
 from trainguard_sandbox.cluster import emulated_cluster
 from trainguard_trainer import data
@@ -34,18 +34,27 @@ from trainguard_trainer.train import build_model, train
 EPOCHS = 3
 CONFIG = TrainerConfig(device='cpu', batch_size=4, num_workers=0, epochs=EPOCHS, resolution=128, crop_size=128,
                        num_samples=80, heartbeat_seconds=10.0, log_every_steps=10_000, system_log_seconds=3600)
+# 3D, three structures, at the CPU-safe 3D limits' scale: 48^3 synthetic volumes, 32^3 patches, batch 2.
+CONFIG_3D = TrainerConfig(device='cpu', batch_size=2, num_workers=0, epochs=EPOCHS, resolution=48, crop_size=32,
+                          channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1, num_samples=20,
+                          spatial_dims=3, num_classes=3, heartbeat_seconds=10.0, log_every_steps=10_000,
+                          system_log_seconds=3600)
 
 
 def bare_monai_loop(config: TrainerConfig) -> list[float]:
     """The same model, data, transforms, loss and optimizer, with nothing of trainguard's around them."""
     torch.manual_seed(config.seed)
-    items = data.synthetic_items(config.num_samples, config.resolution, config.seed)
+    volumes = config.spatial_dims == 3
+    classes = config.num_classes or 1
+    items = (data.synthetic_volumes(config.num_samples, config.resolution, classes, config.seed) if volumes
+             else data.synthetic_items(config.num_samples, config.resolution, config.seed))
     train_items, _ = data.split(items, config.validation_fraction, config.seed)
-    loader = DataLoader(Dataset(train_items, data.transforms(config.resolution, config.crop_size, False, True)),
+    loader = DataLoader(Dataset(train_items, data.transforms(config.resolution, config.crop_size, False, True,
+                                                             spatial_dims=config.spatial_dims, num_classes=classes)),
                         batch_size=config.batch_size, shuffle=True, num_workers=0)
-    model = build_model(config)
+    model = build_model(config, classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    loss_function = DiceLoss(sigmoid=True)
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True) if classes > 1 else DiceLoss(sigmoid=True)
     rates = []
     for _ in range(config.epochs):
         start, seen = time.monotonic(), 0
@@ -144,10 +153,13 @@ def settings_comparison(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
 def main() -> None:
     rounds = int(os.environ.get('BENCH_ROUNDS', '3'))
     bare, guarded, imports, first, training = [], [], [], [], []
+    bare_3d, guarded_3d = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(rounds):  # interleaved, so drift of the machine hits both sides alike
             bare += bare_monai_loop(CONFIG)[1:]          # the first epoch warms caches up
             guarded += trainer_loop(CONFIG, pathlib.Path(tmp) / f'run{index}')[1:]
+            bare_3d += bare_monai_loop(CONFIG_3D)[1:]
+            guarded_3d += trainer_loop(CONFIG_3D, pathlib.Path(tmp) / f'run3d{index}')[1:]
             imports.append(import_seconds())
             beat, step = asyncio.run(first_heartbeats(pathlib.Path(tmp) / f'hb{index}'))
             first.append(beat)
@@ -163,6 +175,8 @@ def main() -> None:
         # measured in the same round does not.
         'ratios': {
             'trainer_to_bare_monai_samples_per_second': round(statistics.median(guarded) / statistics.median(bare), 3),
+            'trainer_to_bare_monai_3d_samples_per_second': round(statistics.median(guarded_3d)
+                                                                 / statistics.median(bare_3d), 3),
             'first_heartbeat_to_import_torch_monai': ratio(first, imports),
             'first_training_beat_to_import_torch_monai': ratio(training, imports),
         },
@@ -171,6 +185,10 @@ def main() -> None:
         'settings': 'batch 4, 128px, 0 workers, default UNet (1.6M parameters), 64 training samples',
         'bare_monai_samples_per_second_median': round(statistics.median(bare), 2),
         'trainer_samples_per_second_median': round(statistics.median(guarded), 2),
+        'settings_3d': '3D, 3 structures, 48^3 synthetic volumes, 32^3 patches, batch 2, UNet 8-16-32-64, '
+                       '16 training volumes',
+        'bare_monai_3d_samples_per_second_median': round(statistics.median(bare_3d), 2),
+        'trainer_3d_samples_per_second_median': round(statistics.median(guarded_3d), 2),
         'import_torch_monai_seconds': [round(value, 2) for value in imports],
         'first_heartbeat_seconds': [round(value, 2) for value in first],
         'first_training_beat_seconds': [round(value, 2) for value in training],

@@ -299,6 +299,13 @@ def start_runner(plane: ControlPlane, folder: pathlib.Path,
     return runner, asyncio.create_task(runner.run_forever())
 
 
+async def stop_runner(runner: LocalPodRunner, task: asyncio.Task[None]) -> None:
+    """The kubelet stops: its polling task, then every trainer process it started."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await runner.close()
+
+
 def tiny(name: str, **spec: Any) -> dict[str, Any]:
     body = yaml.safe_load((ROOT / 'manifests' / 'samples' / name).read_text())
     body['spec'].update({'model': {'channels': [8, 16], 'strides': [2], 'numResUnits': 0},
@@ -350,9 +357,7 @@ async def test_the_operator_as_its_service_account_trains_and_stops_a_hang(contr
         assert late['spec']['hyperparameters']['batchSize'] == 4
         await _wait_phase(plane, 'late', namespace, ('Running', 'Succeeded'), 120)
     finally:
-        runner_task.cancel()
-        await asyncio.gather(runner_task, return_exceptions=True)
-        await runner.close()
+        await stop_runner(runner, runner_task)
         stop_operator(operator)
         remove_webhook_configuration(plane)
         plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
@@ -428,9 +433,7 @@ async def test_an_eviction_mid_epoch_is_a_disruption_and_loses_no_step(control_p
         expected = f'epoch {epoch} of 30 done' if step == 12 else f'epoch {epoch} of 30, step {step} done'
         assert expected in second, second[:3000]
     finally:
-        runner_task.cancel()
-        await asyncio.gather(runner_task, return_exceptions=True)
-        await runner.close()
+        await stop_runner(runner, runner_task)
         stop_operator(operator)
         plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
         helm_uninstall(plane, release, system)
@@ -510,9 +513,7 @@ async def test_a_stopped_kube_apiserver_fails_no_healthy_run_and_still_catches_a
     finally:
         if stopped:
             plane.start_apiserver()
-        runner_task.cancel()
-        await asyncio.gather(runner_task, return_exceptions=True)
-        await runner.close()
+        await stop_runner(runner, runner_task)
         stop_operator(operator)
         plane.run('kubectl', 'delete', 'pods', '--all', '-n', namespace, '--wait=false')
         helm_uninstall(plane, release, system)
