@@ -85,6 +85,11 @@ MALFORMED = [
     ('deadline-zero', run(activeDeadlineSeconds=0), 'spec.activeDeadlineSeconds'),
     ('queue-name-spaces', run(queueName='team a'), 'spec.queueName'),
     ('queue-name-too-long', run(queueName='q' * 64), 'spec.queueName'),
+    ('spacing-negative', run(dataset={'spacing': [1.5, -1, 2]}), 'spec.dataset.spacing[1]'),
+    ('spacing-two-axes', run(dataset={'spacing': [1.5, 1.5]}), 'spec.dataset.spacing'),
+    ('intensity-range-reversed', run(dataset={'intensityRange': [164, -57]}), 'spec.dataset.intensityRange'),
+    ('spatial-dims-four', run(model={'spatialDims': 4}), 'spec.model.spatialDims'),
+    ('dataset-format-unknown', run(dataset={'format': 'nnunet'}), 'spec.dataset.format'),
     # spec.template: what the operator owns (scripts/crd_template_schema.py), and Kubernetes' own types.
     ('template-operator-label', run(template={'metadata': {'labels': {'trainguard.io/run': 'other'}}}),
      'spec.template.metadata.labels'),
@@ -145,7 +150,7 @@ def test_every_cel_rule_has_a_message_naming_its_field() -> None:
             walk(schema['items'])
 
     walk(load_crd()['spec']['versions'][0]['schema']['openAPIV3Schema'])
-    assert len(rules) == 13   # 5 hand-written, 8 on spec.template (scripts/crd_template_schema.py)
+    assert len(rules) == 14   # 6 hand-written, 8 on spec.template (scripts/crd_template_schema.py)
     assert all(rule['message'].startswith('spec.') for rule, _, _ in rules)
     # A rule on an object names the field it is about; a rule on a scalar, a list or a map is
     # reported where it sits (and its message names that field).

@@ -105,3 +105,21 @@ def test_pairs_resolve_relative_to_dataset_json(decathlon):
     items, labels = decathlon_items(decathlon.data_dir)
     assert len(items) == 6 and labels == {0: 'background', 1: 'structure-1', 2: 'structure-2', 3: 'structure-3'}
     assert all(item['image'].startswith(str(decathlon.data_dir)) for item in items)
+
+
+def test_volumes_are_resampled_to_the_median_spacing_and_windowed(decathlon, caplog):
+    """Anisotropic voxels (as CT has): resampled to the median voxel size unless the run sets one;
+    a CT window maps its range to [0, 1]."""
+    from trainguard_trainer import data
+
+    items, _ = decathlon_items(decathlon.data_dir)
+    assert data.median_spacing(items) == (1.5, 1.5, 1.5)
+    steps = data.transforms(32, 16, True, False, spatial_dims=3, num_classes=3, spacing=(3.0, 3.0, 3.0),
+                            intensity_range=(0.2, 0.8))
+    sample = steps(items[0])
+    assert tuple(sample['image'].shape[1:]) <= (16, 16, 16)   # 32 voxels of 1.5 mm at 3 mm, then cropped
+    assert float(sample['image'].min()) >= 0.0 and float(sample['image'].max()) <= 1.0
+    assert sample['image'].shape == sample['label'].shape
+    caplog.set_level('INFO', logger='trainguard_trainer')
+    train(replace(decathlon, epochs=1), sender=RecordingSender())
+    assert 'volumes resampled to the median voxel size 1.5x1.5x1.5 mm' in caplog.text

@@ -94,7 +94,8 @@ CASES = {
     'rolebinding': lambda: builders.build_role_binding(RUN),
     'pod-3d-decathlon': lambda: builders.build_pod(RUN, parse_spec({
         'model': {'spatialDims': 3, 'numClasses': 3},
-        'dataset': {'source': 'directory', 'format': 'decathlon', 'claimName': 'msd-task09', 'path': '/data'},
+        'dataset': {'source': 'directory', 'format': 'decathlon', 'claimName': 'msd-task09', 'path': '/data',
+                    'spacing': [1.5, 1.5, 2.0], 'intensityRange': [-57, 164]},
         'hyperparameters': {'batchSize': 2, 'numWorkers': 0, 'resolution': 96, 'cropSize': 64}}),
         parse_hyperparameters({'batchSize': 2, 'numWorkers': 0, 'resolution': 96, 'cropSize': 64}), 1, SETTINGS),
     'pod-template': template_pod,

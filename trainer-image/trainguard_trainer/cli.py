@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -59,6 +60,23 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _float_list(count: int) -> Callable[[str], tuple[float, ...]]:
+    """``count`` comma-separated finite numbers (a spacing: all positive; a window: low < high)."""
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(part) for part in text.split(','))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be {count} comma-separated numbers, got {text!r}') from None
+        if len(values) != count or not all(math.isfinite(value) for value in values):
+            raise argparse.ArgumentTypeError(f'must be {count} comma-separated numbers, got {text!r}')
+        if count == 3 and min(values) <= 0:
+            raise argparse.ArgumentTypeError(f'a spacing must be positive, got {text!r}')
+        if count == 2 and values[0] >= values[1]:
+            raise argparse.ArgumentTypeError(f'the window\'s low must be below its high, got {text!r}')
+        return values
+    return parse
+
+
 EXIT_DATASET = 3
 EXIT_GPU_UNAVAILABLE = 4  # the operator maps it to Failed/GPUUnavailable (trainguard.domain.pods), no retry
 EXIT_GPU_OUT_OF_MEMORY = 5  # ... to GPUOutOfMemory, retried with half the batch
@@ -82,6 +100,8 @@ OPTIONS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ('--spatial-dims', _bounded_int(2, 3), 2, '2: images, 3: volumes'),
     ('--num-classes', _bounded_int(0, 32), 0,
      'labelled structures besides background; 0: as many as dataset.json names, else 1'),
+    ('--spacing', _float_list(3), None, '3D files: voxel size in mm to resample to, x,y,z (default: the median)'),
+    ('--intensity-range', _float_list(2), None, 'an intensity window mapped to [0, 1], low,high (e.g. CT -57,164)'),
     ('--data-path', None, 'auto', 'auto (cache on CUDA, stream on CPU), cache or stream'),
     ('--num-samples', _bounded_int(2, 100000), 64, 'synthetic pairs'),
     ('--data-dir', pathlib.Path, '/data', 'folder with images/ and labels/ (directory dataset)'),
@@ -146,6 +166,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> TrainerConfig:
         learning_rate=args.learning_rate, resolution=args.resolution, crop_size=args.crop_size,
         channels=args.channels, strides=args.strides, num_res_units=args.num_res_units, dataset=args.dataset,
         dataset_format=args.dataset_format, spatial_dims=args.spatial_dims, num_classes=args.num_classes,
+        spacing=args.spacing, intensity_range=args.intensity_range,
         num_samples=args.num_samples, data_dir=args.data_dir, output_dir=args.output_dir, seed=args.seed,
         heartbeat_seconds=args.heartbeat_seconds, log_every_steps=args.log_every_steps,
         system_log_seconds=args.system_log_seconds, data_path=args.data_path, run_name=args.run_name,

@@ -22,6 +22,8 @@ class TrainerConfig:
     dataset_format: str = 'folders'      # directory datasets: folders (images/ + labels/) | decathlon (dataset.json)
     spatial_dims: int = 2                # 2: images; 3: volumes (synthetic volumes are resolution^3)
     num_classes: int = 0                 # labelled structures besides background; 0: the dataset's (else 1)
+    spacing: tuple[float, ...] | None = None          # 3D files: resampled to this voxel size (mm); None: median
+    intensity_range: tuple[float, float] | None = None  # a CT window mapped to [0, 1]; None: each image's range
     num_samples: int = 64
     data_dir: pathlib.Path = pathlib.Path('/data')
     output_dir: pathlib.Path = pathlib.Path('/output')

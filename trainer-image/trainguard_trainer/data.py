@@ -12,6 +12,7 @@ import numpy as np
 from monai.data import create_test_image_2d, create_test_image_3d
 from monai.transforms import (
     Compose,
+    CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
     Lambdad,
@@ -21,6 +22,8 @@ from monai.transforms import (
     RandSpatialCropd,
     Resized,
     ScaleIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
 )
 
 IMAGE_SUFFIXES = ('.png', '.nii', '.nii.gz')
@@ -205,21 +208,44 @@ def decathlon_items(root: pathlib.Path, progress: Progress = no_progress) -> tup
     return items, labels
 
 
+def median_spacing(items: list[dict[str, Any]]) -> tuple[float, ...] | None:
+    """The median voxel size (mm) of the NIfTI images, per axis: what volumes are resampled to
+    when the run sets no spacing (nnU-Net's fingerprint does the same). None for PNG images."""
+    zooms = [tuple(float(size) for size in _read_header(pathlib.Path(item['image'])).header.get_zooms()[:3])
+             for item in items if item['image'].endswith(('.nii', '.nii.gz'))]
+    if not zooms:
+        return None
+    return tuple(round(float(np.median([zoom[axis] for zoom in zooms])), 4) for axis in range(len(zooms[0])))
+
+
 def _binary(label: Any) -> Any:
     return (label > 0).float() if hasattr(label, 'float') else label > 0
 
 
-def deterministic_steps(resolution: int, from_files: bool, spatial_dims: int = 2, num_classes: int = 1) -> list[Any]:
+def deterministic_steps(resolution: int, from_files: bool, spatial_dims: int = 2, num_classes: int = 1,
+                        spacing: tuple[float, ...] | None = None,
+                        intensity_range: tuple[float, float] | None = None) -> list[Any]:
     """Load, channel-first, intensity to [0, 1], and (2D) resize: the part a cache can keep.
 
-    2D images are resized to ``resolution``; 3D volumes keep their voxels (a resize would
-    distort anatomy) and, from files, are turned to one orientation (RAS). A label of one
-    structure becomes 0/1; several keep their values 0..num_classes."""
+    2D images are resized to ``resolution``; 3D volumes keep their anatomy: from files they are
+    turned to one orientation (RAS), resampled to ``spacing`` (mm; bilinear for the image,
+    nearest for the label) and cropped to the foreground (the body, not the air around it), as
+    MONAI's 3D tutorials do. ``intensity_range``: a CT window (e.g. -57, 164 HU) mapped to [0, 1]
+    and clipped; otherwise each image is scaled to [0, 1]. A label of one structure becomes
+    0/1; several keep their values 0..num_classes."""
     steps: list[Any] = [LoadImaged(keys=KEYS, image_only=True)] if from_files else []
     steps.append(EnsureChannelFirstd(keys=KEYS, channel_dim='no_channel'))
     if spatial_dims == 3 and from_files:
         steps.append(Orientationd(keys=KEYS, axcodes='RAS', labels=(('L', 'R'), ('P', 'A'), ('I', 'S'))))
-    steps.append(ScaleIntensityd(keys='image'))
+        if spacing:
+            steps.append(Spacingd(keys=KEYS, pixdim=spacing, mode=('bilinear', 'nearest')))
+    if intensity_range:
+        steps.append(ScaleIntensityRanged(keys='image', a_min=intensity_range[0], a_max=intensity_range[1],
+                                          b_min=0.0, b_max=1.0, clip=True))
+    else:
+        steps.append(ScaleIntensityd(keys='image'))
+    if spatial_dims == 3 and from_files:
+        steps.append(CropForegroundd(keys=KEYS, source_key='image', allow_smaller=True))
     if spatial_dims == 2:
         steps.append(Resized(keys=KEYS, spatial_size=(resolution, resolution), mode=('bilinear', 'nearest')))
     if num_classes == 1:
@@ -243,11 +269,13 @@ def random_steps(resolution: int, crop_size: int, train: bool, spatial_dims: int
 
 def transforms(resolution: int, crop_size: int, from_files: bool, train: bool,
                block_worker_after: int | None = None, worker_fault: str = 'block', spatial_dims: int = 2,
-               num_classes: int = 1) -> Compose:
+               num_classes: int = 1, spacing: tuple[float, ...] | None = None,
+               intensity_range: tuple[float, float] | None = None) -> Compose:
     """The streaming pipeline: every step for every sample, every epoch."""
     extra = ([Lambdad(keys='image', func=_WorkerFault(block_worker_after, worker_fault))]
              if block_worker_after else [])
-    return Compose([*deterministic_steps(resolution, from_files, spatial_dims, num_classes),
+    return Compose([*deterministic_steps(resolution, from_files, spatial_dims, num_classes, spacing,
+                                         intensity_range),
                     *random_steps(resolution, crop_size, train, spatial_dims),
                     *extra, EnsureTyped(keys=KEYS, track_meta=False)])
 
@@ -283,10 +311,12 @@ class _WorkerFault:
 
 
 def cached_transforms(resolution: int, crop_size: int, from_files: bool, train: bool, device: str,
-                      spatial_dims: int = 2, num_classes: int = 1) -> Compose:
+                      spatial_dims: int = 2, num_classes: int = 1, spacing: tuple[float, ...] | None = None,
+                      intensity_range: tuple[float, float] | None = None) -> Compose:
     """For CacheDataset: it caches up to the first random step, so the deterministic part runs
     once and its result is kept on ``device`` (the GPU when it fits); the crop runs each fetch."""
-    return Compose([*deterministic_steps(resolution, from_files, spatial_dims, num_classes),
+    return Compose([*deterministic_steps(resolution, from_files, spatial_dims, num_classes, spacing,
+                                         intensity_range),
                     EnsureTyped(keys=KEYS, track_meta=False, device=device),
                     *random_steps(resolution, crop_size, train, spatial_dims)])
 

@@ -166,6 +166,13 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str,
              preparation: _Preparation | None = None) -> tuple[DataLoader, DataLoader]:
     preparation = preparation or _Preparation(lambda stage, done, total: None)
     items, from_files, num_classes = _items(config, preparation)
+    spacing = config.spacing
+    if config.spatial_dims == 3 and from_files and spacing is None:
+        spacing = data.median_spacing(items)
+        if spacing:
+            log.info('dataset: volumes resampled to the median voxel size %s mm', 'x'.join(map(str, spacing)))
+    shape = {'spatial_dims': config.spatial_dims, 'num_classes': num_classes, 'spacing': spacing,
+             'intensity_range': config.intensity_range}
     dims = config.spatial_dims
     train_items, val_items = data.split(items, config.validation_fraction, config.seed)
     gpu_free = torch.cuda.mem_get_info()[0] if device == 'cuda' else None
@@ -178,10 +185,9 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str,
     if path == 'stream':
         train_set = Dataset(train_items, data.transforms(config.resolution, config.crop_size, from_files, train=True,
                                                          block_worker_after=config.simulate_worker_block_after_items,
-                                                         worker_fault=config.simulate_worker_fault,
-                                                         spatial_dims=dims, num_classes=num_classes))
+                                                         worker_fault=config.simulate_worker_fault, **shape))
         val_set = Dataset(val_items, data.transforms(config.resolution, config.crop_size, from_files, train=False,
-                                                     spatial_dims=dims, num_classes=num_classes))
+                                                     **shape))
         pin = device == 'cuda'  # page-locked batches let the host-to-GPU copy overlap the step
         train_sampler, val_sampler = _samplers(cluster, train_set, val_set, config.seed)
         return (DataLoader(train_set, batch_size=config.batch_size, shuffle=train_sampler is None,
@@ -191,11 +197,10 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str,
     cache_device = 'cuda' if path == 'gpu-cache' else 'cpu'
     preparation.begin('caching', len(train_items) + len(val_items))
     train_set = _CacheWithProgress(train_items, data.cached_transforms(config.resolution, config.crop_size,
-                                                                       from_files, True, cache_device, dims,
-                                                                       num_classes),
+                                                                       from_files, True, cache_device, **shape),
                                    on_item=preparation.item, progress=False)
     val_set = _CacheWithProgress(val_items, data.cached_transforms(config.resolution, config.crop_size, from_files,
-                                                                   False, cache_device, dims, num_classes),
+                                                                   False, cache_device, **shape),
                                  on_item=preparation.item, progress=False)
     train_sampler, val_sampler = _samplers(cluster, train_set, val_set, config.seed)
     # Cached tensors (on the GPU) are batched in this process: worker processes would copy them.

@@ -252,6 +252,11 @@ def trainer_args(spec: RunSpec, hp: Hyperparameters, device: str) -> list[str]:
         args += ['--data-dir', spec.dataset.path]
         if spec.dataset.format != 'folders':
             args += ['--dataset-format', spec.dataset.format]
+        if spec.dataset.spacing:
+            args += ['--spacing', ','.join(f'{value:g}' for value in spec.dataset.spacing)]
+    if spec.dataset.intensity_range:
+        # One argument: a window starting below zero would read as an option to argparse.
+        args.append('--intensity-range=' + ','.join(f'{value:g}' for value in spec.dataset.intensity_range))
     # Only what differs from the trainer's defaults: a 2D run's arguments stay as they were.
     if spec.model.spatial_dims != 2:
         args += ['--spatial-dims', str(spec.model.spatial_dims)]

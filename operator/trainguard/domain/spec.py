@@ -66,6 +66,8 @@ class DatasetSpec:
     claim_name: str
     path: str
     format: str = 'folders'    # directory datasets: folders (images/ + labels/) | decathlon (dataset.json)
+    spacing: tuple[float, ...] | None = None             # 3D: voxel size to resample to (mm); None: the median
+    intensity_range: tuple[float, float] | None = None   # a window mapped to [0, 1]; None: each image's range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +192,8 @@ def parse_spec(raw: Mapping[str, Any]) -> RunSpec:
         claim_name=_str(dataset_raw, 'claimName', 'spec.dataset', ''),
         path=_str(dataset_raw, 'path', 'spec.dataset', '/data'),
         format=_str(dataset_raw, 'format', 'spec.dataset', 'folders', ('folders', 'decathlon')),
+        spacing=_numbers(dataset_raw, 'spacing', 'spec.dataset', 3, positive=True),
+        intensity_range=_window(dataset_raw),
     )
     if model.num_classes > 1 and model.spatial_dims == 2 and dataset.source == 'synthetic':
         raise SpecError('spec.model.numClasses', 'synthetic 2D images have one structure: numClasses must be 0 or 1 '
@@ -236,6 +240,26 @@ def parse_spec(raw: Mapping[str, Any]) -> RunSpec:
         queue_name=_queue_name(raw),
         template=parse_template(raw.get('template'), dataset.path),
     )
+
+
+def _numbers(raw: Mapping[str, Any], key: str, field: str, count: int, *,
+             positive: bool = False) -> tuple[float, ...] | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != count
+            or not all(isinstance(item, int | float) and not isinstance(item, bool) for item in value)
+            or (positive and min(value) <= 0)):
+        kind = 'positive numbers' if positive else 'numbers'
+        raise SpecError(f'{field}.{key}', f'must be {count} {kind}, got {value!r}')
+    return tuple(float(item) for item in value)
+
+
+def _window(raw: Mapping[str, Any]) -> tuple[float, float] | None:
+    window = _numbers(raw, 'intensityRange', 'spec.dataset', 2)
+    if window is not None and window[0] >= window[1]:
+        raise SpecError('spec.dataset.intensityRange', f'the low end must be below the high end, got {list(window)}')
+    return (window[0], window[1]) if window else None
 
 
 def _queue_name(raw: Mapping[str, Any]) -> str:
