@@ -27,18 +27,27 @@ def hp(**values):
     (hp(), 'OOMKilled', 'adapt', 2, 16, ['batchSize']),
     (hp(), 'GPUOutOfMemory', 'adapt', 2, 16, ['batchSize']),
     (hp(batchSize=3), 'OOMKilled', 'adapt', 2, 1, ['batchSize']),
-    (hp(batchSize=1), 'OOMKilled', 'adapt', 2, 1, []),
+    (hp(batchSize=1), 'OOMKilled', 'adapt', 2, 1, ['cropSize']),      # a batch of one: half the patch
+    (hp(batchSize=1, cropSize=16, resolution=16), 'OOMKilled', 'adapt', 2, 1, []),   # nothing left to halve
     (hp(), 'PodFailed', 'adapt', 2, 32, []),
     (hp(), 'Evicted', 'adapt', 2, 32, []),
     (hp(), 'ProgressTimeout', 'same', 2, 32, []),
     (hp(), 'OOMKilled', 'same', 2, 32, []),
-], ids=['hang-workers', 'startup-workers', 'hang-no-workers', 'oom', 'cuda-oom', 'oom-odd', 'oom-at-one',
+], ids=['hang-workers', 'startup-workers', 'hang-no-workers', 'oom', 'cuda-oom', 'oom-odd', 'oom-at-one', 'oom-at-the-smallest',
         'other-failure', 'evicted', 'same-hang', 'same-oom'])
 def test_policy(given, failure, policy, workers, batch, fields):
     adapted, changes = adapt_for_retry(given, failure, 2, policy)
     assert (adapted.num_workers, adapted.batch_size) == (workers, batch)
     assert [change.field for change in changes] == fields
     assert all(change.attempt == 2 and change.reason == failure for change in changes)
+
+
+def test_out_of_memory_at_a_batch_of_one_halves_the_patch():
+    adapted, (change,) = adapt_for_retry(hp(batchSize=1, cropSize=96, resolution=96), 'GPUOutOfMemory', 3, 'adapt')
+    assert adapted.crop_size == 48 and adapted.batch_size == 1
+    assert change.log_line() == ('[RETRY_ADJUSTMENT] Halving crop_size=48 for attempt 3 after GPUOutOfMemory '
+                                 '(was 96)')
+    assert change.to_api()['reason'] == 'GPUOutOfMemory: the attempt ran out of memory with a batch of one'
 
 
 def test_changes_accumulate_and_never_loosen():

@@ -17,7 +17,8 @@ from trainguard.domain.spec import Hyperparameters
 
 HANG_REASONS = frozenset({'StartupTimeout', 'ProgressTimeout'})
 MEMORY_REASONS = frozenset({'OOMKilled', 'GPUOutOfMemory'})
-_SNAKE = {'numWorkers': 'num_workers', 'batchSize': 'batch_size'}
+_SNAKE = {'numWorkers': 'num_workers', 'batchSize': 'batch_size', 'cropSize': 'crop_size'}
+MIN_CROP = 16   # the trainer's smallest crop (--crop-size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,8 @@ class RetryAdjustment:
 
     def to_api(self) -> dict[str, Any]:
         why = {'numWorkers': 'DataLoader workers may have hung the attempt',
-               'batchSize': 'the attempt ran out of memory'}[self.field]
+               'batchSize': 'the attempt ran out of memory',
+               'cropSize': 'the attempt ran out of memory with a batch of one'}[self.field]
         return {'field': self.field, 'from': self.old, 'to': self.new, 'attempt': self.attempt,
                 'reason': f'{self.reason}: {why}'}
 
@@ -53,4 +55,9 @@ def adapt_for_retry(hp: Hyperparameters, failure: str, next_attempt: int,
         halved = hp.batch_size // 2  # >= 1, since batch_size > 1
         changes.append(RetryAdjustment('batchSize', hp.batch_size, halved, failure, next_attempt))
         hp = dataclasses.replace(hp, batch_size=halved)
+    elif failure in MEMORY_REASONS and hp.crop_size >= 2 * MIN_CROP:
+        # A batch of one that still does not fit: half the patch (in 3D an eighth of the voxels).
+        halved = hp.crop_size // 2
+        changes.append(RetryAdjustment('cropSize', hp.crop_size, halved, failure, next_attempt))
+        hp = dataclasses.replace(hp, crop_size=halved)
     return hp, changes
