@@ -85,3 +85,23 @@ def test_decide_runtime_reads_the_fakes(tmp_path):
 def test_choose_data_path(device, requested, size, gpu_free, ram_free, path):
     chosen, note = choose_data_path(device, requested, size, gpu_free, ram_free)
     assert chosen == path and note.startswith('data path: ')
+
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize(('files', 'expected'), [
+    ({}, 8 * GiB),                                                                     # no cgroup: the host's
+    ({'/sys/fs/cgroup/memory.max': 'max\n', '/sys/fs/cgroup/memory.current': '1\n'}, 8 * GiB),   # v2, no limit
+    ({'/sys/fs/cgroup/memory.max': str(4 * GiB), '/sys/fs/cgroup/memory.current': str(GiB)}, 3 * GiB),
+    ({'/sys/fs/cgroup/memory/memory.limit_in_bytes': str(2 * GiB),
+      '/sys/fs/cgroup/memory/memory.usage_in_bytes': str(GiB)}, GiB),                   # cgroup v1
+    ({'/sys/fs/cgroup/memory.max': str(GiB), '/sys/fs/cgroup/memory.current': str(2 * GiB)}, 0),
+], ids=['no-cgroup', 'v2-unlimited', 'v2-limit', 'v1-limit', 'over-the-limit'])
+def test_a_cache_is_sized_to_the_pods_memory_limit_not_the_nodes(files, expected):
+    from trainguard_trainer.guards import memory_free
+
+    assert memory_free(8 * GiB, files.get) == expected
+    # A 3 GiB cache fits an 8 GiB node but not a pod limited to 4 GiB with 1 GiB used.
+    if expected == 3 * GiB:
+        assert choose_data_path('cuda', 'cache', 2 * GiB, None, memory_free(8 * GiB, files.get))[0] == 'stream'

@@ -327,6 +327,16 @@ def dataset_bytes(num_samples: int, resolution: int, spatial_dims: int = 2) -> i
     return num_samples * resolution ** spatial_dims * 4 * 2
 
 
+def files_bytes(items: list[dict[str, Any]]) -> int:
+    """float32 image and label per NIfTI pair at its stored size (headers only): what a cache of
+    the volumes would hold, before resampling."""
+    total = 0
+    for item in items:
+        if item['image'].endswith(('.nii', '.nii.gz')):
+            total += int(np.prod(_shape(pathlib.Path(item['image'])))) * 4 * 2
+    return total
+
+
 def split(items: list[dict[str, Any]], validation_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     """A seeded hold-out split; at least one validation item."""
     order = np.random.RandomState(seed + 1).permutation(len(items))

@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import shutil
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,30 @@ def gpu_unavailable_reason(cuda_build: str | None, device_count: int, init_error
     if init_error:
         return f'GPU unavailable: CUDA could not initialise (driver and CUDA runtime mismatch?): {init_error}'
     return None
+
+
+CGROUP_FILES = (('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'),                  # cgroup v2
+                ('/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory/memory.usage_in_bytes'))
+
+
+def memory_free(host_available: int, read: Callable[[str], str | None]) -> int:
+    """Bytes this process may still use: the host's available memory, or less when the pod's
+    memory limit (its cgroup) leaves less. psutil sees the node's memory, and a cache sized to
+    that is what gets a CPU pod OOMKilled. ``read``: a file's text, or None when absent."""
+    for limit_file, usage_file in CGROUP_FILES:
+        limit, usage = read(limit_file), read(usage_file)
+        if limit is None or usage is None or not limit.strip().isdigit() or not usage.strip().isdigit():
+            continue   # "max": no limit at this level
+        return max(0, min(host_available, int(limit) - int(usage)))
+    return host_available
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding='ascii') as file:
+            return file.read()
+    except OSError:
+        return None
 
 
 def choose_data_path(device: str, requested: str, cache_bytes: int, gpu_free: int | None,

@@ -176,9 +176,10 @@ def _loaders(config: TrainerConfig, num_workers: int, device: str,
     dims = config.spatial_dims
     train_items, val_items = data.split(items, config.validation_fraction, config.seed)
     gpu_free = torch.cuda.mem_get_info()[0] if device == 'cuda' else None
-    path, note = guards.choose_data_path(device, config.data_path,
-                                         data.dataset_bytes(len(items), config.resolution, dims),
-                                         gpu_free, psutil.virtual_memory().available)
+    size = data.files_bytes(items) if from_files and dims == 3 else data.dataset_bytes(len(items), config.resolution,
+                                                                                        dims)
+    path, note = guards.choose_data_path(device, config.data_path, size, gpu_free,
+                                         guards.memory_free(psutil.virtual_memory().available, guards.read_text))
     log.info(note)
     generator = torch.Generator().manual_seed(config.seed)
     drop_last = -(-len(train_items) // cluster.world_size) > config.batch_size  # this rank's share
