@@ -25,8 +25,9 @@ def volume_run(name: str, claim: str) -> dict[str, Any]:
         'device': 'cpu',
         'model': {'spatialDims': 3, 'channels': [8, 16, 32], 'strides': [2, 2], 'numResUnits': 0},
         'dataset': {'source': 'directory', 'format': 'decathlon', 'claimName': claim, 'path': '/data'},
-        # Written as for a GPU: the operator rewrites it to its 3D CPU limits (a 64^3 patch at most).
-        'hyperparameters': {'batchSize': 8, 'numWorkers': 4, 'epochs': 2, 'resolution': 32, 'cropSize': 32},
+        # Written as for a GPU (96^3 patches, batch 8, 4 workers): the operator rewrites it to its
+        # 3D CPU limits (batch 2, no workers, a 64^3 patch at most).
+        'hyperparameters': {'batchSize': 8, 'numWorkers': 4, 'epochs': 2, 'resolution': 128, 'cropSize': 96},
         'progressTimeoutSeconds': 60, 'startupTimeoutSeconds': 120}}
 
 
@@ -43,7 +44,8 @@ async def test_a_decathlon_dataset_on_a_volume_trains_with_dice_in_the_status(sa
     progress = status['progress']
     assert 0.0 <= progress['dice'] <= 1.0 and progress['bestDice'] >= progress['dice'] - 1e-9
     assert progress['bestEpoch'] in (1, 2)
-    assert {(item['field'], item['to']) for item in status['adjustments']} == {('batchSize', 2), ('numWorkers', 0)}
+    assert {(item['field'], item['to']) for item in status['adjustments']} == {
+        ('batchSize', 2), ('numWorkers', 0), ('resolution', 96), ('cropSize', 64)}
 
 
 async def test_a_missing_label_file_ends_invalid_dataset_naming_it(sandbox):

@@ -34,7 +34,7 @@ async def test_a_run_is_stored_defaulted_and_pruned(api):
     assert status < 300
     assert 'gpu' not in stored['spec']            # an unknown field is pruned, as the server does
     assert stored['spec']['model'] == {'channels': [16, 32, 64, 128, 256], 'strides': [2, 2, 2, 2],
-                                       'numResUnits': 1}
+                                       'numResUnits': 1, 'spatialDims': 2, 'numClasses': 0}
     assert stored['spec']['hyperparameters']['batchSize'] == 32 and stored['spec']['device'] == 'auto'
 
 

@@ -123,3 +123,10 @@ def test_volumes_are_resampled_to_the_median_spacing_and_windowed(decathlon, cap
     caplog.set_level('INFO', logger='trainguard_trainer')
     train(replace(decathlon, epochs=1), sender=RecordingSender())
     assert 'volumes resampled to the median voxel size 1.5x1.5x1.5 mm' in caplog.text
+
+
+def test_a_3d_run_resumes_from_its_checkpoint(tiny3d):
+    first = train(replace(tiny3d, epochs=1), sender=RecordingSender())
+    resumed = train(replace(tiny3d, epochs=2), sender=RecordingSender())
+    assert resumed.start_epoch == 2 and resumed.epochs_run == 1
+    assert resumed.history[0] == first.history[0]

@@ -33,8 +33,8 @@ def hp(**values):
     (hp(), 'Evicted', 'adapt', 2, 32, []),
     (hp(), 'ProgressTimeout', 'same', 2, 32, []),
     (hp(), 'OOMKilled', 'same', 2, 32, []),
-], ids=['hang-workers', 'startup-workers', 'hang-no-workers', 'oom', 'cuda-oom', 'oom-odd', 'oom-at-one', 'oom-at-the-smallest',
-        'other-failure', 'evicted', 'same-hang', 'same-oom'])
+], ids=['hang-workers', 'startup-workers', 'hang-no-workers', 'oom', 'cuda-oom', 'oom-odd', 'oom-at-one',
+        'oom-at-the-smallest', 'other-failure', 'evicted', 'same-hang', 'same-oom'])
 def test_policy(given, failure, policy, workers, batch, fields):
     adapted, changes = adapt_for_retry(given, failure, 2, policy)
     assert (adapted.num_workers, adapted.batch_size) == (workers, batch)
