@@ -93,3 +93,27 @@ def test_a_frozen_peer_ends_the_other_rank_by_the_collective_timeout(tmp_path):
     rank1 = (tmp_path / 'rank1.log').read_text()
     assert 'simulating a hang after 1 steps' in rank1
     print(f'rank 0 ended {waited:.1f}s after launch')
+
+
+def test_two_ranks_train_on_3d_volumes_and_agree_on_each_structures_dice(tmp_path):
+    """A 3D gang: DistributedSampler shares the volumes out, every rank scores its validation
+    volumes with a sliding window, and the Dice sums of each structure are combined, so both
+    ranks log the same Dice per structure."""
+    port = free_port()
+    volumes = ('--spatial-dims', '3', '--num-classes', '3', '--resolution', '24', '--crop-size', '16',
+               '--num-samples', '10', '--epochs', '2')
+    ranks = [launch(rank, port, tmp_path, *volumes) for rank in (0, 1)]
+    try:
+        codes = [process.wait(150) for process in ranks]
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                stop_group(process)
+    logs = [(tmp_path / f'rank{rank}.log').read_text() for rank in (0, 1)]
+    assert codes == [0, 0], logs
+    scored = [[line.split('validation Dice ', 1)[1].split('), ', 1)[0] for line in log.splitlines()
+               if 'validation Dice ' in line] for log in logs]
+    assert len(scored[0]) == 2 and scored[0] == scored[1], scored
+    assert all('1: ' in entry and '3: ' in entry for entry in scored[0])   # a Dice for each structure
+    # 8 training volumes, 4 per rank, batch 2: 2 steps per epoch on each rank.
+    assert all('epoch 2/2 step 2/2' in log for log in logs)
