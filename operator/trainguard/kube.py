@@ -202,10 +202,7 @@ class KubeApi:
         }
         try:
             self._call('POST', _PATHS['Event'].format(namespace=involved.get('namespace')), body)
-        except (ApiException, ValueError) as error:
-            log.warning('could not post event %s on %s: %s', reason, involved.get('name'), error)
-            return False
-        except (urllib3.exceptions.HTTPError, OSError) as error:
+        except (ApiException, ValueError, urllib3.exceptions.HTTPError, OSError) as error:
             log.warning('could not post event %s on %s: %s', reason, involved.get('name'), error)
             return False
         return True

@@ -106,10 +106,9 @@ class Policies:
             _check(policy, binding_name, request)
 
 
-def _context(request: Request, variables: Mapping[str, Any]) -> Any:
-    context = cel.Context()
-    # As kube-apiserver builds it: a field left empty is absent (reading it is an error, so a
-    # policy must guard it with has()), e.g. subResource on a request for the object itself.
+def _request_fields(request: Request) -> dict[str, Any]:
+    """``request`` as kube-apiserver builds it: a field left empty is absent (reading it is an
+    error, so a policy must guard it with has()), e.g. subResource on a request for the object."""
     user: dict[str, Any] = {'username': request.username, 'groups': list(request.groups)}
     if request.extra:
         user['extra'] = {key: list(value) for key, value in request.extra.items()}
@@ -120,7 +119,14 @@ def _context(request: Request, variables: Mapping[str, Any]) -> Any:
     }
     if request.subresource:
         fields['subResource'] = request.subresource
-    context.add_variable('request', fields)
+    return fields
+
+
+def _context(request: Request, fields: Mapping[str, Any], variables: Mapping[str, Any]) -> Any:
+    """A fresh CEL context per expression (``variables`` grows as they are evaluated); the
+    request's own fields are built once per policy."""
+    context = cel.Context()
+    context.add_variable('request', dict(fields))
     context.add_variable('object', dict(request.obj))
     context.add_variable('oldObject', dict(request.old) if request.old is not None else None)
     context.add_variable('variables', dict(variables))
@@ -137,24 +143,25 @@ def _check(policy: Mapping[str, Any], binding_name: str, request: Request) -> No
     prefix = (f'{request.plural}{group} "{request.name}" is forbidden: ValidatingAdmissionPolicy \'{name}\' '
               f'with binding \'{binding_name}\' denied request: ')
     variables: dict[str, Any] = {}
+    fields = _request_fields(request)
     expression = ''
     try:
         for condition in spec.get('matchConditions') or []:
             expression = condition['expression']
-            if not _compile(expression).execute(_context(request, variables)):
+            if not _compile(expression).execute(_context(request, fields, variables)):
                 return
         for variable in spec.get('variables') or []:
             expression = variable['expression']
-            variables[variable['name']] = _compile(expression).execute(_context(request, variables))
+            variables[variable['name']] = _compile(expression).execute(_context(request, fields, variables))
         for validation in spec.get('validations') or []:
             expression = validation['expression']
-            if _compile(expression).execute(_context(request, variables)) is True:
+            if _compile(expression).execute(_context(request, fields, variables)) is True:
                 continue
             reason = validation.get('reason') or 'Invalid'
             message = validation.get('message') or f'failed expression: {expression}'
             if validation.get('messageExpression'):
                 expression = validation['messageExpression']
-                message = str(_compile(expression).execute(_context(request, variables)))
+                message = str(_compile(expression).execute(_context(request, fields, variables)))
             raise Refused(_CODES.get(reason, 422), reason, prefix + message)
     except Refused:
         raise

@@ -40,6 +40,19 @@ def launch(rank: int, port: int, folder: pathlib.Path, *args: str) -> subprocess
                            *TINY_ARGS, '--output-dir', str(folder / f'out{rank}'), *args], log, env=env)
 
 
+def run_gang(folder: pathlib.Path, *args: str) -> tuple[list[int], list[str]]:
+    """Both ranks to the end (each stopped, whole group, if it outlives the wait): exit codes and logs."""
+    port = free_port()
+    ranks = [launch(rank, port, folder, *args) for rank in (0, 1)]
+    try:
+        codes = [process.wait(150) for process in ranks]
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                stop_group(process)
+    return codes, [(folder / f'rank{rank}.log').read_text() for rank in (0, 1)]
+
+
 def beats(log: str) -> list[dict]:
     return [json.loads(line.split('heartbeat (no run configured): ', 1)[1])
             for line in log.splitlines() if 'heartbeat (no run configured): ' in line]
@@ -49,15 +62,7 @@ def test_two_ranks_train_one_model_and_resume_from_rank_0s_checkpoint(tiny, tmp_
     # Epoch 1 on one process (a single-node attempt), into what will be rank 0's output volume.
     train(replace(tiny, epochs=1, output_dir=tmp_path / 'out0', resolution=32, crop_size=32, channels=(8, 16),
                   strides=(2,), num_res_units=0, batch_size=2))
-    port = free_port()
-    ranks = [launch(rank, port, tmp_path, '--epochs', '3') for rank in (0, 1)]
-    try:
-        codes = [process.wait(150) for process in ranks]
-    finally:
-        for process in ranks:
-            if process.poll() is None:
-                stop_group(process)
-    logs = [(tmp_path / f'rank{rank}.log').read_text() for rank in (0, 1)]
+    codes, logs = run_gang(tmp_path, '--epochs', '3')
     assert codes == [0, 0], logs
     for rank, log in enumerate(logs):
         assert f'rank {rank} of 2' in log and 'backend gloo' in log
@@ -99,17 +104,8 @@ def test_two_ranks_train_on_3d_volumes_and_agree_on_each_structures_dice(tmp_pat
     """A 3D gang: DistributedSampler shares the volumes out, every rank scores its validation
     volumes with a sliding window, and the Dice sums of each structure are combined, so both
     ranks log the same Dice per structure."""
-    port = free_port()
-    volumes = ('--spatial-dims', '3', '--num-classes', '3', '--resolution', '24', '--crop-size', '16',
-               '--num-samples', '10', '--epochs', '2')
-    ranks = [launch(rank, port, tmp_path, *volumes) for rank in (0, 1)]
-    try:
-        codes = [process.wait(150) for process in ranks]
-    finally:
-        for process in ranks:
-            if process.poll() is None:
-                stop_group(process)
-    logs = [(tmp_path / f'rank{rank}.log').read_text() for rank in (0, 1)]
+    codes, logs = run_gang(tmp_path, '--spatial-dims', '3', '--num-classes', '3', '--resolution', '24',
+                           '--crop-size', '16', '--num-samples', '10', '--epochs', '2')
     assert codes == [0, 0], logs
     scored = [[line.split('validation Dice ', 1)[1].split('), ', 1)[0] for line in log.splitlines()
                if 'validation Dice ' in line] for log in logs]

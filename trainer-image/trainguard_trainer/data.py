@@ -151,8 +151,8 @@ def write_decathlon_dataset(root: pathlib.Path, num_volumes: int, size: int, num
     return root
 
 
-def decathlon_labels(root: pathlib.Path) -> dict[int, str]:
-    """The ``labels`` of ``root/dataset.json``: value -> structure name, background "0" included."""
+def _manifest(root: pathlib.Path) -> dict[str, Any]:
+    """``root/dataset.json``, read once per check."""
     manifest = root / DATASET_JSON
     if not manifest.is_file():
         raise DatasetError(f'{manifest} does not exist: a decathlon dataset has dataset.json at its root')
@@ -162,6 +162,14 @@ def decathlon_labels(root: pathlib.Path) -> dict[int, str]:
         raise DatasetError(f'{manifest} is not JSON: {error}') from error
     if not isinstance(described, dict):
         raise DatasetError(f'{manifest} must hold a JSON object')
+    return described
+
+
+def decathlon_labels(root: pathlib.Path, described: dict[str, Any] | None = None) -> dict[int, str]:
+    """The ``labels`` of ``root/dataset.json`` (or of ``described``, its contents already read):
+    value -> structure name, background "0" included."""
+    manifest = root / DATASET_JSON
+    described = _manifest(root) if described is None else described
     try:
         labels = {int(key): str(name) for key, name in (described.get('labels') or {}).items()}
     except (AttributeError, TypeError, ValueError) as error:
@@ -178,11 +186,13 @@ def decathlon_items(root: pathlib.Path, progress: Progress = no_progress) -> tup
     any training: the files exist, image and label have the same shape, and every label value is
     one ``labels`` names. The first bad entry is named (DatasetError); nothing is written.
     Reading a label volume's values is the slow part: ``progress`` is told per pair."""
-    labels = decathlon_labels(root)
     manifest = root / DATASET_JSON
-    pairs = json.loads(manifest.read_text()).get('training')
+    described = _manifest(root)
+    labels = decathlon_labels(root, described)
+    pairs = described.get('training')
     if not isinstance(pairs, list) or not pairs:
         raise DatasetError(f'{manifest}: "training" must list image and label pairs')
+    progress(0, len(pairs))
     items = []
     for index, pair in enumerate(pairs):
         where = f'{DATASET_JSON} training[{index}]'

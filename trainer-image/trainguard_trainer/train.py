@@ -139,8 +139,13 @@ def structures(config: TrainerConfig) -> int:
 def _items(config: TrainerConfig, preparation: _Preparation) -> tuple[list[dict[str, Any]], bool, int]:
     """(items, whether they are files, structures besides background)."""
     if config.dataset == 'directory' and config.dataset_format == 'decathlon':
-        preparation.begin('checking', 0)
-        items, labels = data.decathlon_items(config.data_dir, lambda done, total: preparation.item())
+        def checking(done: int, total: int) -> None:   # the first call says how many pairs there are
+            if done == 0:
+                preparation.begin('checking', total)
+            else:
+                preparation.item()
+
+        items, labels = data.decathlon_items(config.data_dir, checking)
         found = len(labels) - 1
         if config.num_classes and config.num_classes != found:
             raise data.DatasetError(f'{data.DATASET_JSON} names {found} structures besides background, the run '
