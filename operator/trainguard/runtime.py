@@ -88,6 +88,7 @@ class Runtime:
     _event_executor: concurrent.futures.ThreadPoolExecutor = dataclasses.field(init=False)
     _resync_executor: concurrent.futures.ThreadPoolExecutor = dataclasses.field(init=False)
     _resync_task: asyncio.Task[Any] | None = dataclasses.field(default=None, init=False)
+    _closing: threading.Event = dataclasses.field(default_factory=threading.Event, init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: list(self.runs.values()), lambda: self.clock())
@@ -230,8 +231,9 @@ class Runtime:
         for delay in (*OUTAGE_EVENT_RETRIES, None):
             if self.api.post_pod_event(namespace, pod, 'Warning', 'ApiUnreachable', message, self.clock()):
                 return
-            if delay is not None:
-                time.sleep(delay)
+            # Waits end at close(): a thread still retrying as the interpreter exits can abort it.
+            if delay is not None and self._closing.wait(delay):
+                return
 
     async def reconcile_soon(self, key: RunKey, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
         """Reconcile after a watch event: on the loop when the event changes nothing (decided
@@ -438,6 +440,7 @@ class Runtime:
     async def close(self) -> None:
         """Cancel queued reconciles and wait for those in flight: a thread left mid-request when
         the operator stops would write to an API (or a test's emulator) that is going away."""
+        self._closing.set()
         for executor in (self._sweep_executor, self._event_executor, self._resync_executor):
             await asyncio.get_running_loop().run_in_executor(
                 None, functools.partial(executor.shutdown, wait=True, cancel_futures=True))

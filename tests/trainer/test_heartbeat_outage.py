@@ -7,12 +7,13 @@ refused) and can hang (it accepts connections and never answers)."""
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import http.server
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -90,8 +91,8 @@ def fake_api() -> Iterator[FakeApi]:
 def senders() -> Iterator[list[KubernetesSender]]:
     made: list[KubernetesSender] = []
     yield made
-    for sender in made:   # the test's API is gone: nothing to flush at the interpreter's exit
-        atexit.unregister(sender.flush)
+    for sender in made:   # the test's API is gone: nothing to flush, no thread left retrying
+        sender.close()
 
 
 def sender_for(api: FakeApi, senders: list[KubernetesSender]) -> KubernetesSender:
@@ -164,3 +165,30 @@ def test_the_last_beat_is_flushed_before_exit_and_an_api_that_never_returns_does
     began = time.monotonic()
     assert not sender.flush(1.5)
     assert time.monotonic() - began < 3.0
+
+
+EXIT_WHILE_RETRYING = """
+import sys, time
+import kubernetes
+from trainguard_trainer.heartbeat import KubernetesSender
+
+configuration = kubernetes.client.Configuration()
+configuration.host, configuration.retries = sys.argv[1], 0
+api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(configuration))
+for step in range(3):   # the progress and stall senders of a run, retrying as fast as they can
+    KubernetesSender('unet', 'default', retry_cap_seconds=0.001, final_seconds=0.2, timeout=(0.5, 0.5),
+                     api=api)({'phase': 'Training', 'step': step})
+time.sleep(0.3)
+"""
+
+
+def test_a_trainer_that_ends_while_the_api_is_away_exits_cleanly(tmp_path):
+    """Training is over, the API is away, the last beats are still being retried: the process
+    must exit 0. A daemon thread left retrying while the interpreter finalizes aborted it
+    (SIGABRT, exit 134) in 28 of 30 tries before the senders stopped their threads at exit."""
+    address = f'http://127.0.0.1:{free_port()}'   # nothing listens: every patch is refused at once
+    for attempt in range(5):
+        done = subprocess.run([sys.executable, '-c', EXIT_WHILE_RETRYING, address], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 0, (attempt, done.returncode, done.stderr[-2000:])
+        assert 'the API is unreachable' in done.stderr

@@ -47,7 +47,9 @@ class KubernetesSender:
     (the heartbeat interval), so the first beat after the API returns arrives within one
     interval. It logs once when the API becomes unreachable, once past ``unreachable_limit_seconds``
     (training goes on regardless: a finished run with unreported progress is still finished),
-    and once when it is back. At exit it waits up to ``final_seconds`` for the last beat.
+    and once when it is back. At exit it waits up to ``final_seconds`` for the last beat, then
+    stops its thread: a daemon thread still retrying (and logging) while the interpreter
+    finalizes can take the process down with SIGABRT, turning a finished run's exit 0 into 134.
     """
 
     def __init__(self, name: str, namespace: str, annotation: str = ANNOTATION, *,
@@ -72,10 +74,11 @@ class KubernetesSender:
             retry_cap_seconds, unreachable_limit_seconds, final_seconds, timeout)
         self._pending: dict[str, Any] | None = None
         self._busy = False
+        self._closed = threading.Event()
         self._condition = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f'heartbeat-{annotation}', daemon=True)
         self._thread.start()
-        atexit.register(self.flush)
+        atexit.register(self._at_exit)
         self.sent = 0
         self.failures = 0
 
@@ -88,7 +91,7 @@ class KubernetesSender:
         """Wait (bounded) until the newest payload was sent; False if it could not be."""
         deadline = time.monotonic() + (self._final if timeout is None else timeout)
         with self._condition:
-            while self._pending is not None or self._busy:
+            while (self._pending is not None or self._busy) and not self._closed.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.warning('the API did not take the last %s before exit; the operator has the one before',
@@ -96,6 +99,19 @@ class KubernetesSender:
                     return False
                 self._condition.wait(left)
         return True
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the thread without sending what is still pending (call ``flush`` first to send it)."""
+        with self._condition:
+            self._closed.set()
+            self._condition.notify_all()
+        atexit.unregister(self._at_exit)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)   # bounded: a patch in flight ends within its own timeout
+
+    def _at_exit(self) -> None:
+        self.flush()
+        self.close()
 
     def _patch(self, payload: dict[str, Any]) -> None:
         self._api.patch_namespaced_custom_object(
@@ -109,8 +125,10 @@ class KubernetesSender:
         delay = 0.0
         while True:
             with self._condition:
-                while self._pending is None:
+                while self._pending is None and not self._closed.is_set():
                     self._condition.wait()
+                if self._closed.is_set():
+                    return
                 payload, self._pending, self._busy = self._pending, None, True
             try:
                 self._patch(payload)
@@ -136,7 +154,9 @@ class KubernetesSender:
                     self._busy = False
                     self._condition.notify_all()
                 delay = min(self._retry_cap, max(0.5, delay * 2))
-                time.sleep(delay * random.uniform(0.5, 1.0))   # jitter: a cluster's trainers do not retry in step
+                # Jitter: a cluster's trainers do not retry in step. Woken early by close().
+                if self._closed.wait(delay * random.uniform(0.5, 1.0)):
+                    return
                 continue
             self.sent += 1
             if unreachable_since is not None:
