@@ -16,6 +16,15 @@ def tiny(tmp_path: pathlib.Path) -> TrainerConfig:
                          output_dir=tmp_path / 'out', heartbeat_seconds=10.0, log_every_steps=2)
 
 
+@pytest.fixture()
+def tiny3d(tmp_path: pathlib.Path) -> TrainerConfig:
+    """32^3 volumes, 16^3 patches, a two-level UNet: two epochs in a couple of seconds on CPU."""
+    return TrainerConfig(device='cpu', batch_size=2, num_workers=0, epochs=2, learning_rate=0.01, resolution=32,
+                         crop_size=16, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, num_samples=8,
+                         spatial_dims=3, num_classes=3, output_dir=tmp_path / 'out', heartbeat_seconds=10.0,
+                         log_every_steps=2)
+
+
 class RecordingSender:
     def __init__(self, fail_first: int = 0) -> None:
         self.payloads: list[dict] = []

@@ -37,8 +37,11 @@ def per_step(sender: RecordingSender) -> dict[tuple[int, int], float]:
     return {(beat['epoch'], beat['step']): beat['loss'] for beat in sender.payloads if beat['phase'] == 'Training'}
 
 
-def test_sigterm_mid_epoch_saves_that_step_and_the_resume_matches_an_uninterrupted_run(tiny, tmp_path):
-    config = replace(tiny, heartbeat_seconds=0.0)   # a beat (with its loss) at every step
+@pytest.mark.parametrize('shape', ['tiny', 'tiny3d'], ids=['2d', '3d'])
+def test_sigterm_mid_epoch_saves_that_step_and_the_resume_matches_an_uninterrupted_run(shape, request, tmp_path):
+    """In 3D too: the random patches of the resumed epoch are the ones the uninterrupted run drew,
+    so the losses match step for step."""
+    config = replace(request.getfixturevalue(shape), heartbeat_seconds=0.0)   # a beat (with its loss) at every step
     whole = RecordingSender()
     uninterrupted = train(replace(config, output_dir=tmp_path / 'whole'), sender=whole)
 

@@ -18,15 +18,6 @@ from trainguard_trainer.train import build_model, structures, train
 
 
 @pytest.fixture()
-def tiny3d(tmp_path) -> TrainerConfig:
-    """32^3 volumes, 16^3 patches, a two-level UNet: two epochs in a couple of seconds on CPU."""
-    return TrainerConfig(device='cpu', batch_size=2, num_workers=0, epochs=2, learning_rate=0.01, resolution=32,
-                         crop_size=16, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, num_samples=8,
-                         spatial_dims=3, num_classes=3, output_dir=tmp_path / 'out', heartbeat_seconds=10.0,
-                         log_every_steps=2)
-
-
-@pytest.fixture()
 def decathlon(tmp_path, tiny3d) -> TrainerConfig:
     root = write_decathlon_dataset(tmp_path / 'Task99_Spheres', num_volumes=6, size=32, num_classes=3)
     return replace(tiny3d, dataset='directory', dataset_format='decathlon', data_dir=root, num_classes=0)
