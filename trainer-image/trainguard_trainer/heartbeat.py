@@ -98,16 +98,19 @@ class KubernetesSender:
                                 self._annotation)
                     return False
                 self._condition.wait(left)
-        return True
+            return self._pending is None and not self._busy
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the thread without sending what is still pending (call ``flush`` first to send it)."""
+    def close(self) -> None:
+        """Stop the thread without sending what is still pending (call ``flush`` first to send it).
+
+        Waits for a patch in flight, at most its own connect and read timeouts: a thread still in
+        a request as the interpreter finalizes aborts it as surely as one still retrying."""
         with self._condition:
             self._closed.set()
             self._condition.notify_all()
         atexit.unregister(self._at_exit)
         if self._thread is not threading.current_thread():
-            self._thread.join(timeout)   # bounded: a patch in flight ends within its own timeout
+            self._thread.join(sum(self._timeout) + 1.0)
 
     def _at_exit(self) -> None:
         self.flush()
