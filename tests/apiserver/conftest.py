@@ -49,6 +49,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM (a graceful shutdown, as on a real control plane), SIGKILL past ``timeout``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 @dataclasses.dataclass
 class ControlPlane:
     url: str
@@ -63,12 +73,7 @@ class ControlPlane:
         """Stop kube-apiserver (etcd and everything in it stay), as an upgrade or a certificate
         rotation on a single-master control plane does: connections cut, then refused."""
         assert self.apiserver is not None
-        self.apiserver.terminate()
-        try:
-            self.apiserver.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.apiserver.kill()
-            self.apiserver.wait(timeout=10)
+        _stop(self.apiserver, timeout=60)
 
     def start_apiserver(self) -> None:
         """Start kube-apiserver again over the same etcd, port, serving certificate and
@@ -192,11 +197,7 @@ def control_plane() -> Iterator[ControlPlane]:
     finally:
         # The apiserver running now: a case may have stopped and started it again.
         for process in (plane.apiserver if plane is not None and plane.apiserver else apiserver, etcd):
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _stop(process, timeout=30)
         for log in logs:
             log.close()
         if not os.environ.get('TRAINGUARD_KEEP_APISERVER'):
